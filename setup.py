@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="minillm",
+    version="0.1.0",
+    description="Train small language models end to end, from scratch, in PyTorch and Triton",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["minillm", "minillm.*", "kernels", "kernels.*"]),
+    package_data={"minillm": ["assets/*.model"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "sentencepiece>=0.2",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "tensorboard>=2.14",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=7"],
+        "serve": [],
+    },
+)
