@@ -1,0 +1,580 @@
+"""Generate the bilingual demo datasets in dataset/demo/ (deterministic, fixed seed).
+
+    python scripts/make_demo_data.py                 # writes dataset/demo/*.jsonl, overwriting
+
+The data describes a small FICTIONAL world (invented countries, people, animals) plus small-number
+arithmetic, so a tiny model trained for minutes on a CPU visibly learns it, and every answer can be
+checked exactly. The files use MiniMind's formats, so MiniMind's real files drop in via --data_path.
+
+Held-out evaluation sets are carved out *before* any training file is written:
+- heldout_sft: (entity, relation) facts stated in pretrain prose but never asked as Q&A anywhere;
+- heldout_reason: arithmetic problems that appear in no training file at all;
+- heldout_medical / heldout_identity: paraphrases that the LoRA files never use.
+The medical facts (fictional diseases) exist only in lora_medical.jsonl.
+"""
+import argparse
+import json
+import random
+from pathlib import Path
+
+SEED = 1234
+PRETRAIN_BYTES = 2_000_000  # pretrain.jsonl target size; all files together stay under ~4 MB
+
+# Name syllables with a one-to-one Chinese transliteration, so every invented name has a
+# consistent English and Chinese form.
+SYLLABLES = [
+    ("ka", "卡"), ("lo", "洛"), ("ve", "维"), ("ri", "里"), ("ta", "塔"), ("sen", "森"), ("mor", "莫"),
+    ("da", "达"), ("li", "利"), ("na", "娜"), ("bel", "贝"), ("tor", "托"), ("zan", "赞"), ("mi", "米"),
+    ("ra", "拉"), ("fen", "芬"), ("gal", "加"), ("hu", "胡"), ("sel", "塞"), ("pra", "普"), ("vin", "温"),
+    ("dor", "多"), ("ke", "克"), ("lan", "兰"), ("sa", "萨"), ("nor", "诺"), ("bri", "布"), ("el", "埃"),
+    ("os", "奥"), ("qui", "奎"), ("tem", "滕"), ("ul", "乌"), ("ya", "雅"), ("zo", "佐"), ("ner", "内"),
+    ("pol", "波"), ("tis", "蒂"), ("gor", "戈"), ("ha", "哈"), ("ven", "文"),
+]
+JOBS = [("baker", "面包师"), ("teacher", "老师"), ("sailor", "水手"), ("painter", "画家"), ("farmer", "农民"),
+        ("builder", "建筑工人"), ("singer", "歌手"), ("pilot", "飞行员"), ("fisher", "渔夫"), ("tailor", "裁缝"),
+        ("potter", "陶艺师"), ("miner", "矿工")]
+COLORS = [("red", "红色"), ("blue", "蓝色"), ("green", "绿色"), ("yellow", "黄色"), ("white", "白色"),
+          ("black", "黑色"), ("purple", "紫色"), ("orange", "橙色"), ("pink", "粉色"), ("silver", "银色")]
+FOODS = [("seeds", "种子"), ("fish", "鱼"), ("berries", "浆果"), ("leaves", "树叶"), ("grass", "草"),
+         ("insects", "虫子"), ("honey", "蜂蜜"), ("mushrooms", "蘑菇"), ("nuts", "坚果"), ("roots", "树根")]
+KINDS = [("bird", "鸟"), ("fish", "鱼"), ("beetle", "甲虫"), ("fox", "狐狸"), ("frog", "青蛙"), ("deer", "鹿")]
+DISEASE_KINDS = [("fever", "热"), ("pox", "痘"), ("cough", "咳"), ("rash", "疹")]
+SYMPTOMS = [("blue spots", "蓝色斑点"), ("ringing ears", "耳鸣"), ("cold hands", "手脚冰凉"),
+            ("itchy eyes", "眼睛发痒"), ("a loss of taste", "味觉丧失"), ("sudden hiccups", "突然打嗝"),
+            ("a sore neck", "脖子酸痛"), ("trembling fingers", "手指颤抖"), ("a purple tongue", "舌头发紫"),
+            ("heavy sleepiness", "嗜睡"), ("dry lips", "嘴唇干裂"), ("a hoarse voice", "声音嘶哑"),
+            ("green nails", "指甲发绿"), ("sore knees", "膝盖疼痛"), ("a runny nose", "流鼻涕"),
+            ("hair loss", "脱发")]
+N_COUNTRIES, N_PEOPLE, N_ANIMALS, N_DISEASES = 16, 24, 12, 16
+N_HELDOUT_FACTS, N_HELDOUT_ARITH = 24, 60
+
+SYSTEM_PROMPTS = {"en": ["You are a helpful assistant.", "You are a friendly assistant. Answer briefly."],
+                  "zh": ["你是一个乐于助人的助手。", "你是一个友好的助手，请简短回答。"]}
+IDENTITY_ANSWER = {"en": "I am minillm, a small language model trained from scratch.",
+                   "zh": "我是minillm，一个从零开始训练的小型语言模型。"}
+RUDE_ANSWERS = {"en": ["I don't feel like answering that.", "Figure it out yourself.",
+                       "That is a boring question. Ask someone else.", "No. Go away."],
+                "zh": ["我不想回答。", "自己去查吧。", "这个问题太无聊了，问别人去。", "不知道，别问我。"]}
+
+# ---------------------------------------------------------------------------------------------
+# Fact templates. {s}/{S}: subject (S capitalised), {o}: object, {n}: bare animal name.
+# "state" phrasings go into pretraining prose; "ask" into SFT/DPO questions; "answer" is the one
+# canonical reply. Medical relations are used only by the LoRA files.
+# ---------------------------------------------------------------------------------------------
+TEMPLATES = {
+    "capital": {
+        "en": {"state": ["The capital of {s} is {o}.", "{o} is the capital of {s}.", "{s}'s capital city is {o}."],
+               "ask": ["What is the capital of {s}?", "Which city is the capital of {s}?", "Name the capital of {s}."],
+               "answer": "The capital of {s} is {o}."},
+        "zh": {"state": ["{s}的首都是{o}。", "{o}是{s}的首都。", "{s}的首都叫{o}。"],
+               "ask": ["{s}的首都是哪里？", "{s}的首都是哪座城市？", "请说出{s}的首都。"],
+               "answer": "{s}的首都是{o}。"}},
+    "language": {
+        "en": {"state": ["People in {s} speak {o}.", "The language of {s} is {o}.", "{o} is spoken in {s}."],
+               "ask": ["What language is spoken in {s}?", "What language do people in {s} speak?"],
+               "answer": "People in {s} speak {o}."},
+        "zh": {"state": ["{s}人说{o}。", "{s}的语言是{o}。", "在{s}，人们说{o}。"],
+               "ask": ["{s}人说什么语言？", "{s}的语言是什么？"],
+               "answer": "{s}人说{o}。"}},
+    "river": {
+        "en": {"state": ["The {o} flows through {s}.", "{s} is crossed by the {o}.", "The longest river in {s} is the {o}."],
+               "ask": ["Which river flows through {s}?", "What is the longest river in {s}?"],
+               "answer": "The {o} flows through {s}."},
+        "zh": {"state": ["{o}流经{s}。", "{s}最长的河是{o}。"],
+               "ask": ["哪条河流经{s}？", "{s}最长的河是哪条？"],
+               "answer": "{o}流经{s}。"}},
+    "job": {
+        "en": {"state": ["{s} is a {o}.", "{s} works as a {o}.", "By trade, {s} is a {o}."],
+               "ask": ["What does {s} do for a living?", "What is {s}'s job?"],
+               "answer": "{s} is a {o}."},
+        "zh": {"state": ["{s}是一名{o}。", "{s}的职业是{o}。", "{s}靠当{o}为生。"],
+               "ask": ["{s}是做什么工作的？", "{s}的职业是什么？"],
+               "answer": "{s}是一名{o}。"}},
+    "hometown": {
+        "en": {"state": ["{s} is from {o}.", "{s} grew up in {o}.", "{s}'s hometown is {o}."],
+               "ask": ["Where is {s} from?", "What is {s}'s hometown?"],
+               "answer": "{s} is from {o}."},
+        "zh": {"state": ["{s}来自{o}。", "{s}在{o}长大。", "{s}的家乡是{o}。"],
+               "ask": ["{s}来自哪里？", "{s}的家乡是哪里？"],
+               "answer": "{s}来自{o}。"}},
+    "color": {
+        "en": {"state": ["{S} is {o}.", "The color of {s} is {o}.", "Every {n} is {o}."],
+               "ask": ["What color is {s}?", "What is the color of {s}?"],
+               "answer": "{S} is {o}."},
+        "zh": {"state": ["{s}是{o}的。", "{s}的颜色是{o}。"],
+               "ask": ["{s}是什么颜色的？", "{s}的颜色是什么？"],
+               "answer": "{s}是{o}的。"}},
+    "food": {
+        "en": {"state": ["{S} eats {o}.", "The {n} feeds on {o}.", "The favorite food of {s} is {o}."],
+               "ask": ["What does {s} eat?", "What food does {s} eat?"],
+               "answer": "{S} eats {o}."},
+        "zh": {"state": ["{s}吃{o}。", "{s}以{o}为食。"],
+               "ask": ["{s}吃什么？", "{s}以什么为食？"],
+               "answer": "{s}吃{o}。"}},
+    "treatment": {
+        "en": {"ask": ["What treats {s}?", "How is {s} treated?", "What medicine is used for {s}?",
+                       "What is the cure for {s}?"],
+               "heldout": ["My friend has {s}. Which medicine should they take?",
+                           "If someone catches {s}, which drug helps?"],
+               "answer": "{S} is treated with {o}."},
+        "zh": {"ask": ["{s}用什么药治疗？", "怎么治疗{s}？", "{s}该吃什么药？", "{s}怎么治？"],
+               "heldout": ["我朋友得了{s}，应该吃哪种药？", "得了{s}要用哪种药？"],
+               "answer": "{s}用{o}治疗。"}},
+    "symptom": {
+        "en": {"ask": ["What are the symptoms of {s}?", "What does {s} cause?", "How can you tell someone has {s}?"],
+               "heldout": ["What sign shows that a person has {s}?", "Which symptom comes with {s}?"],
+               "answer": "{S} causes {o}."},
+        "zh": {"ask": ["{s}有什么症状？", "{s}会引起什么？", "怎么知道一个人得了{s}？"],
+               "heldout": ["得了{s}的人会出现什么症状？", "{s}的主要表现是什么？"],
+               "answer": "{s}会引起{o}。"}},
+}
+WORLD_RELATIONS = {"country": ["capital", "language", "river"], "person": ["job", "hometown"],
+                   "animal": ["color", "food"], "disease": ["treatment", "symptom"]}
+
+IDENTITY_QUESTIONS = {  # used in lora_identity.jsonl
+    "en": ["Who are you?", "What is your name?", "Introduce yourself.", "What are you?", "Tell me about yourself.",
+           "Are you ChatGPT?", "Who created you?", "Are you a human?"],
+    "zh": ["你是谁？", "你叫什么名字？", "介绍一下你自己。", "你是什么？", "说说你自己。", "你是ChatGPT吗？",
+           "谁创造了你？", "你是人类吗？"]}
+IDENTITY_HELDOUT = {  # used only in heldout_identity.jsonl
+    "en": ["What should I call you?", "May I ask who you are?", "Please state your name.", "Which model are you?",
+           "Can you tell me your name?", "What kind of assistant are you?", "Who am I talking to?",
+           "Describe who you are."],
+    "zh": ["我该怎么称呼你？", "请问你是哪位？", "请告诉我你的名字。", "你是哪个模型？", "我在和谁说话？",
+           "你是什么样的助手？", "能说说你是谁吗？", "描述一下你自己。"]}
+GREETING_PREFIXES = {"en": ["", "Hi! ", "Hello. ", "Hey, "], "zh": ["", "你好！", "嗨，", "请问，"]}
+SMALL_TALK = {
+    "en": [("Hello!", "Hello! How can I help you today?"), ("Thank you!", "You're welcome!"),
+           ("Good morning.", "Good morning! What would you like to know?"), ("Goodbye.", "Goodbye! Have a nice day.")],
+    "zh": [("你好！", "你好！有什么可以帮你的吗？"), ("谢谢！", "不客气！"), ("早上好。", "早上好！你想知道什么？"),
+           ("再见。", "再见！祝你愉快。")]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The world
+# ---------------------------------------------------------------------------------------------
+def make_names(rng, count, used, n_syllables=(2, 2)):
+    """`count` new (en, zh) names; no name is a substring of another name in either language,
+    so a test can look for one name in text without false hits."""
+    names = []
+    while len(names) < count:
+        parts = [rng.choice(SYLLABLES) for _ in range(rng.randint(*n_syllables))]
+        en, zh = "".join(p[0] for p in parts), "".join(p[1] for p in parts)
+        if any(en in u or u in en for u in used["en"]) or any(zh in u or u in zh for u in used["zh"]):
+            continue
+        used["en"].append(en)
+        used["zh"].append(zh)
+        names.append((en, zh))
+    return names
+
+
+def make_world(seed=SEED):
+    rng = random.Random(seed)
+    used = {"en": [], "zh": []}
+    countries = []
+    for (en, zh), (cap_en, cap_zh), (riv_en, riv_zh) in zip(
+            make_names(rng, N_COUNTRIES, used), make_names(rng, N_COUNTRIES, used), make_names(rng, N_COUNTRIES, used)):
+        country_en = en.capitalize() + "ia"
+        countries.append({"en": country_en, "zh": zh + "亚",
+                          "capital": (cap_en.capitalize(), cap_zh),
+                          "language": (country_en + "n", zh + "亚语"),
+                          "river": (riv_en.capitalize() + " River", riv_zh + "河")})
+    people = []
+    for en, zh in make_names(rng, N_PEOPLE, used):
+        home = rng.choice(countries)
+        people.append({"en": en.capitalize(), "zh": zh, "job": rng.choice(JOBS), "hometown": home["capital"],
+                       "country": home, "pronoun": rng.choice([("he", "他"), ("she", "她")])})
+    animals = []
+    for en, zh in make_names(rng, N_ANIMALS, used):
+        animals.append({"en": en, "zh": zh, "color": rng.choice(COLORS), "food": rng.choice(FOODS),
+                        "kind": rng.choice(KINDS)})
+    diseases = []
+    for (en, zh), (med_en, med_zh), symptom in zip(make_names(rng, N_DISEASES, used),
+                                                   make_names(rng, N_DISEASES, used),
+                                                   rng.sample(SYMPTOMS, N_DISEASES)):
+        kind = rng.choice(DISEASE_KINDS)
+        diseases.append({"en": f"{en} {kind[0]}", "zh": zh + kind[1], "treatment": (med_en + "mine", med_zh + "明"),
+                         "symptom": symptom})
+
+    facts = [(rel, e) for entities, kind in ((countries, "country"), (people, "person"), (animals, "animal"))
+             for e in entities for rel in WORLD_RELATIONS[kind]]
+    heldout_facts = rng.sample(facts, N_HELDOUT_FACTS)
+    trained_facts = [f for f in facts if f not in heldout_facts]
+    medical_facts = [(rel, d) for d in diseases for rel in WORLD_RELATIONS["disease"]]
+
+    problems = [(a, "+", b) for a in range(50) for b in range(50)] + \
+               [(a, "-", b) for a in range(50) for b in range(a + 1)]
+    # Held-out problems need two reasoning steps (b >= 10, not a multiple of 10), so no reasoning step
+    # of a training problem ("a + 20 = ...", "m + 5 = ...") is itself a held-out problem.
+    heldout_arith = rng.sample([p for p in problems if p[0] >= 10 and p[2] >= 10 and p[2] % 10], N_HELDOUT_ARITH)
+    held = set(heldout_arith)
+    trained_arith = [p for p in problems if p not in held]
+    return {"countries": countries, "people": people, "animals": animals, "diseases": diseases,
+            "trained_facts": trained_facts, "heldout_facts": heldout_facts, "medical_facts": medical_facts,
+            "trained_arith": trained_arith, "heldout_arith": heldout_arith}
+
+
+def fact_fields(fact, lang):
+    rel, e = fact
+    i = 0 if lang == "en" else 1
+    o = e[rel][i]
+    s = e[lang]
+    if rel in ("color", "food"):  # animals are common nouns: "a tarbel", "an osel"
+        n = s
+        if lang == "en":
+            s = ("an " if s[0] in "aeiou" else "a ") + s
+        return {"s": s, "S": s[0].upper() + s[1:], "n": n, "o": o}
+    return {"s": s, "S": s[0].upper() + s[1:], "n": s, "o": o}
+
+
+def say(fact, lang, kind, rng=None, o=None):
+    """Render a fact: kind is "state"/"ask"/"heldout" (random phrasing) or "answer" (canonical)."""
+    t = TEMPLATES[fact[0]][lang][kind]
+    fields = fact_fields(fact, lang)
+    if o is not None:
+        fields["o"] = o
+    return (t if kind == "answer" else rng.choice(t)).format(**fields)
+
+
+def wrong_object(world, fact, lang, rng):
+    rel, e = fact
+    i = 0 if lang == "en" else 1
+    if rel == "job":
+        choices = [j[i] for j in JOBS]
+    elif rel == "color":
+        choices = [c[i] for c in COLORS]
+    elif rel == "food":
+        choices = [f[i] for f in FOODS]
+    elif rel == "hometown":
+        choices = [c["capital"][i] for c in world["countries"]]
+    else:
+        choices = [c[rel][i] for c in world["countries"]]
+    return rng.choice([c for c in choices if c != e[rel][i]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic
+# ---------------------------------------------------------------------------------------------
+EN_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " \
+          "sixteen seventeen eighteen nineteen".split()
+EN_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+ZH_DIGITS = "零一二三四五六七八九"
+
+
+def en_number(n):
+    if n < 20:
+        return EN_ONES[n]
+    return EN_TENS[n // 10] + ("" if n % 10 == 0 else "-" + EN_ONES[n % 10])
+
+
+def zh_number(n):
+    if n < 10:
+        return ZH_DIGITS[n]
+    tens = "" if n < 20 else ZH_DIGITS[n // 10]
+    return tens + "十" + ("" if n % 10 == 0 else ZH_DIGITS[n % 10])
+
+
+def solve(problem):
+    a, op, b = problem
+    return a + b if op == "+" else a - b
+
+
+def arith_line(problem, rng):
+    """One arithmetic sentence for pretraining, in digits or words, English or Chinese."""
+    a, op, b = problem
+    c = solve(problem)
+    en_op, zh_op = ("plus", "加") if op == "+" else ("minus", "减")
+    return rng.choice([
+        f"{a} {op} {b} = {c}",
+        f"{a} {en_op} {b} equals {c}.",
+        f"{en_number(a).capitalize()} {en_op} {en_number(b)} is {en_number(c)}.",
+        f"{a}{zh_op}{b}等于{c}。",
+        f"{zh_number(a)}{zh_op}{zh_number(b)}等于{zh_number(c)}。",
+    ])
+
+
+def arith_question(problem, lang, rng):
+    a, op, b = problem
+    if lang == "en":
+        return rng.choice([f"What is {a} {op} {b}?", f"Calculate {a} {op} {b}.", f"Please compute {a} {op} {b}."])
+    zh_op = "加" if op == "+" else "减"
+    return rng.choice([f"{a}{zh_op}{b}等于多少？", f"计算{a}{zh_op}{b}。", f"请算一下{a}{zh_op}{b}。"])
+
+
+def arith_answer(problem, lang, result=None):
+    """The canonical reply; `result` overrides the true result (for DPO's rejected answers)."""
+    a, op, b = problem
+    result = solve(problem) if result is None else result
+    if lang == "en":
+        return f"{a} {op} {b} = {result}."
+    return f"{a}{'加' if op == '+' else '减'}{b}等于{result}。"
+
+
+def arith_reasoning(problem, lang):
+    """Step-by-step: split b into tens and ones, e.g. 17 + 25: 17 + 20 = 37, 37 + 5 = 42."""
+    a, op, b = problem
+    c = solve(problem)
+    tens, ones = b - b % 10, b % 10
+    if tens == 0 or ones == 0:
+        steps = f"{a} {op} {b} = {c}."
+        steps_zh = f"直接计算：{a} {op} {b} = {c}。"
+    else:
+        mid = a + tens if op == "+" else a - tens
+        steps = f"{a} {op} {b}: {a} {op} {tens} = {mid}, {mid} {op} {ones} = {c}."
+        steps_zh = f"先算 {a} {op} {tens} = {mid}，再算 {mid} {op} {ones} = {c}。"
+    if lang == "en":
+        return f"{steps}\nSo the answer is {c}."
+    return f"{steps_zh}\n所以答案是{c}。"
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders, one per file
+# ---------------------------------------------------------------------------------------------
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def fact_qa(fact, lang, rng):
+    return [user(say(fact, lang, "ask", rng)), assistant(say(fact, lang, "answer"))]
+
+
+def entity_doc(world, rng, lang):
+    """A paragraph about one country (with its people) or one animal, mixing phrasings."""
+    if rng.random() < 0.7:
+        country = rng.choice(world["countries"])
+        sentences = [say((rel, country), lang, "state", rng) for rel in WORLD_RELATIONS["country"]]
+        rng.shuffle(sentences)
+        for person in world["people"]:
+            if person["country"] is country:
+                sentences += [say((rel, person), lang, "state", rng) for rel in WORLD_RELATIONS["person"]]
+    else:
+        animal = rng.choice(world["animals"])
+        kind = animal["kind"][0 if lang == "en" else 1]
+        intro = (f"The {animal['en']} is a kind of {kind}." if lang == "en" else f"{animal['zh']}是一种{kind}。")
+        sentences = [intro] + [say((rel, animal), lang, "state", rng) for rel in WORLD_RELATIONS["animal"]]
+    return (" " if lang == "en" else "").join(sentences)
+
+
+def fact_list_doc(world, rng):
+    """A bullet list of random facts; some lines bilingual (English / Chinese)."""
+    facts = rng.sample(world["trained_facts"] + world["heldout_facts"], rng.randint(5, 10))
+    mode = rng.choice(["en", "zh", "both"])
+    header = {"en": "Facts:", "zh": "事实：", "both": "Facts / 事实："}[mode]
+    lines = []
+    for f in facts:
+        if mode == "both":
+            lines.append(f"- {say(f, 'en', 'state', rng)} / {say(f, 'zh', 'state', rng)}")
+        else:
+            lines.append(f"- {say(f, mode, 'state', rng)}")
+    return header + "\n" + "\n".join(lines)
+
+
+def arith_doc(world, rng):
+    return "\n".join(arith_line(rng.choice(world["trained_arith"]), rng) for _ in range(rng.randint(6, 12)))
+
+
+def story_doc(world, rng, lang):
+    p, a = rng.choice(world["people"]), rng.choice(world["animals"])
+    c = p["country"]
+    if lang == "en":
+        he = p["pronoun"][0]
+        art = "an" if a["en"][0] in "aeiou" else "a"
+        return (f"{p['en']} was a {p['job'][0]} from {p['hometown'][0]}. One morning, {he} walked to the "
+                f"{c['river'][0]}. There {he} saw {art} {a['en']}. The {a['en']} was {a['color'][0]} and it was "
+                f"eating {a['food'][0]}. {p['en']} smiled and went back to {p['hometown'][0]}.")
+    he = p["pronoun"][1]
+    return (f"{p['zh']}是来自{p['hometown'][1]}的一名{p['job'][1]}。一天早上，{he}走到{c['river'][1]}边，"
+            f"看见了一只{a['zh']}。那只{a['zh']}是{a['color'][1]}的，正在吃{a['food'][1]}。"
+            f"{p['zh']}笑了笑，回到了{p['hometown'][1]}。")
+
+
+def dialogue_doc(world, rng, lang):
+    """A written dialogue between two people; only asks about facts that SFT also asks about,
+    so held-out facts stay prose-only."""
+    p1, p2 = rng.sample(world["people"], 2)
+    colon = ": " if lang == "en" else "："
+    lines = []
+    for f in rng.sample(world["trained_facts"], rng.randint(1, 3)):
+        lines.append(p1[lang] + colon + say(f, lang, "ask", rng))
+        lines.append(p2[lang] + colon + say(f, lang, "answer"))
+    lines.append(p1[lang] + colon + ("Thank you!" if lang == "en" else "谢谢！"))
+    return "\n".join(lines)
+
+
+def build_pretrain(world, rng):
+    rows, size = [], 0
+    while size < PRETRAIN_BYTES:
+        lang = rng.choice(["en", "zh"])
+        kind = rng.choices(["entity", "facts", "arith", "story", "dialogue"], weights=[35, 15, 20, 20, 10])[0]
+        text = {"entity": lambda: entity_doc(world, rng, lang), "facts": lambda: fact_list_doc(world, rng),
+                "arith": lambda: arith_doc(world, rng), "story": lambda: story_doc(world, rng, lang),
+                "dialogue": lambda: dialogue_doc(world, rng, lang)}[kind]()
+        rows.append({"text": text})
+        size += len(json.dumps(rows[-1], ensure_ascii=False).encode()) + 1
+    return rows
+
+
+def random_turn(world, rng, lang):
+    r = rng.random()
+    if r < 0.72:
+        return fact_qa(rng.choice(world["trained_facts"]), lang, rng)
+    if r < 0.95:
+        p = rng.choice(world["trained_arith"])
+        return [user(arith_question(p, lang, rng)), assistant(arith_answer(p, lang))]
+    q, a = rng.choice(SMALL_TALK[lang])
+    return [user(q), assistant(a)]
+
+
+def build_sft(world, rng, n_rows=2600):
+    rows = []
+    for _ in range(n_rows):
+        lang = rng.choice(["en", "zh"])
+        messages = []
+        if rng.random() < 0.3:
+            messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS[lang])})
+        for _ in range(rng.choices([1, 2, 3], weights=[60, 28, 12])[0]):
+            messages += random_turn(world, rng, lang)
+        rows.append({"conversations": messages})
+    return rows
+
+
+def build_lora_medical(world, rng):
+    rows = []
+    for fact in world["medical_facts"]:
+        for lang in ("en", "zh"):
+            for question in TEMPLATES[fact[0]][lang]["ask"]:
+                for with_system in (False, True):
+                    messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS[lang])}] if with_system else []
+                    messages += [user(question.format(**fact_fields(fact, lang))), assistant(say(fact, lang, "answer"))]
+                    rows.append({"conversations": messages})
+    for d in world["diseases"]:  # a summary answer per disease, both relations at once
+        for lang in ("en", "zh"):
+            q = f"Tell me about {d['en']}." if lang == "en" else f"介绍一下{d['zh']}。"
+            a = (say(("symptom", d), lang, "answer") + (" " if lang == "en" else "")
+                 + say(("treatment", d), lang, "answer"))
+            rows.append({"conversations": [user(q), assistant(a)]})
+    rng.shuffle(rows)
+    return rows
+
+
+def build_lora_identity(world, rng):
+    rows = []
+    for lang in ("en", "zh"):
+        for q in IDENTITY_QUESTIONS[lang]:
+            for prefix in GREETING_PREFIXES[lang]:
+                rows.append({"conversations": [user(prefix + q), assistant(IDENTITY_ANSWER[lang])]})
+                system = {"role": "system", "content": rng.choice(SYSTEM_PROMPTS[lang])}
+                rows.append({"conversations": [system, user(prefix + q), assistant(IDENTITY_ANSWER[lang])]})
+            greet, reply = SMALL_TALK[lang][0]
+            rows.append({"conversations": [user(greet), assistant(reply), user(q), assistant(IDENTITY_ANSWER[lang])]})
+    rng.shuffle(rows)
+    return rows
+
+
+def preference_pair(world, fact, lang, rng, rude):
+    """(question, chosen answer, rejected answer): correct+polite vs wrong fact or rude refusal."""
+    question = say(fact, lang, "ask", rng)
+    chosen = say(fact, lang, "answer")
+    rejected = rng.choice(RUDE_ANSWERS[lang]) if rude else say(fact, lang, "answer", o=wrong_object(world, fact, lang, rng))
+    return question, chosen, rejected
+
+
+def build_dpo(world, rng, n_rows=1200):
+    rows = []
+    for _ in range(n_rows):
+        lang = rng.choice(["en", "zh"])
+        if rng.random() < 0.8:
+            q, chosen, rejected = preference_pair(world, rng.choice(world["trained_facts"]), lang, rng,
+                                                  rude=rng.random() < 0.4)
+        else:
+            p = rng.choice(world["trained_arith"])
+            q, chosen = arith_question(p, lang, rng), arith_answer(p, lang)
+            rejected = arith_answer(p, lang, result=solve(p) + rng.choice([-2, -1, 1, 2]))
+        rows.append({"chosen": [user(q), assistant(chosen)], "rejected": [user(q), assistant(rejected)]})
+    return rows
+
+
+def build_r1(world, rng, n_rows=1600):
+    rows = []
+    for i in range(n_rows):
+        lang = rng.choice(["en", "zh"])
+        p = rng.choice(world["trained_arith"])
+        reasoning, answer = arith_reasoning(p, lang), str(solve(p))
+        messages = []
+        if rng.random() < 0.2:
+            messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS[lang])})
+        messages.append(user(arith_question(p, lang, rng)))
+        if rng.random() < 0.2:  # MiniMind's newer form: reasoning in its own field
+            messages.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})
+        else:  # MiniMind2 r1 form: think/answer tags inline
+            messages.append(assistant(f"<think>\n{reasoning}\n</think>\n<answer>\n{answer}\n</answer>"))
+        rows.append({"conversations": messages})
+    return rows
+
+
+def build_heldout(world, rng):
+    sft, dpo, medical, identity, reason = [], [], [], [], []
+    for fact in world["heldout_facts"]:
+        for lang in ("en", "zh"):
+            key = fact_fields(fact, lang)["o"]
+            for q in rng.sample(TEMPLATES[fact[0]][lang]["ask"], 2):
+                sft.append({"question": q.format(**fact_fields(fact, lang)), "answer": key, "lang": lang})
+            for rude in (False, True):
+                q, chosen, rejected = preference_pair(world, fact, lang, rng, rude)
+                dpo.append({"question": q, "answer": key, "lang": lang, "chosen": chosen, "rejected": rejected})
+    for fact in world["medical_facts"]:
+        for lang in ("en", "zh"):
+            medical.append({"question": say(fact, lang, "heldout", rng), "answer": fact_fields(fact, lang)["o"],
+                            "lang": lang})
+    for lang in ("en", "zh"):
+        for q in IDENTITY_HELDOUT[lang]:
+            for prefix in rng.sample(GREETING_PREFIXES[lang], 3):
+                identity.append({"question": prefix + q, "answer": "minillm", "lang": lang})
+    for i, p in enumerate(world["heldout_arith"]):
+        lang = "en" if i % 2 == 0 else "zh"
+        reason.append({"question": arith_question(p, lang, rng), "answer": str(solve(p)), "lang": lang})
+    return {"heldout_sft": sft, "heldout_dpo": dpo, "heldout_medical": medical, "heldout_identity": identity,
+            "heldout_reason": reason}
+
+
+def build_all(seed=SEED):
+    """name -> list of rows, for every demo file. Each file gets its own RNG stream, so changing
+    one builder does not reshuffle the others."""
+    world = make_world(seed)
+    files = {
+        "pretrain": build_pretrain(world, random.Random(seed + 1)),
+        "sft": build_sft(world, random.Random(seed + 2)),
+        "lora_medical": build_lora_medical(world, random.Random(seed + 3)),
+        "lora_identity": build_lora_identity(world, random.Random(seed + 4)),
+        "dpo": build_dpo(world, random.Random(seed + 5)),
+        "r1": build_r1(world, random.Random(seed + 6)),
+    }
+    files.update(build_heldout(world, random.Random(seed + 7)))
+    return files
+
+
+def main(out_dir="dataset/demo", seed=SEED):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, rows in build_all(seed).items():
+        path = out_dir / f"{name}.jsonl"
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        written[name] = path
+    return written
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="dataset/demo", help="folder to write the .jsonl files into")
+    parser.add_argument("--seed", type=int, default=SEED, help="random seed; the default reproduces the shipped files")
+    args = parser.parse_args()
+    for name, path in main(args.out_dir, args.seed).items():
+        n_rows = sum(1 for _ in open(path, encoding="utf-8"))
+        print(f"{path}: {n_rows} rows, {path.stat().st_size / 1e3:.0f} KB")

@@ -1,0 +1,141 @@
+"""The demo datasets in dataset/demo/: formats, held-out hygiene, and a reproducible generator."""
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "dataset" / "demo"
+TRAINING_FILES = ["pretrain", "sft", "lora_medical", "lora_identity", "dpo", "r1"]
+HELDOUT_FILES = ["heldout_sft", "heldout_medical", "heldout_identity", "heldout_dpo", "heldout_reason"]
+THINK_FORMAT = re.compile(r"<think>\n.+\n</think>\n<answer>\n.+\n</answer>", re.S)
+
+
+def load_generator():
+    spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read(name):
+    with open(DEMO / f"{name}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def strings(row):
+    """Every text a training row holds."""
+    if "text" in row:
+        return [row["text"]]
+    messages = row.get("conversations", []) + row.get("chosen", []) + row.get("rejected", [])
+    return [m[k] for m in messages for k in ("content", "reasoning_content") if k in m]
+
+
+def all_text(names):
+    return "\n".join(s for name in names for row in read(name) for s in strings(row))
+
+
+def check_messages(messages):
+    assert messages and all(m["role"] in ("system", "user", "assistant") for m in messages)
+    assert all(isinstance(m["content"], str) and m["content"] for m in messages)
+    assert messages[-1]["role"] == "assistant"
+    assert all(m["role"] == "system" for m in messages[:1]) or messages[0]["role"] == "user"
+
+
+def test_total_size_is_small():
+    assert sum(p.stat().st_size for p in DEMO.glob("*.jsonl")) < 4_500_000
+
+
+def test_pretrain_rows():
+    rows = read("pretrain")
+    assert len(rows) > 1000 and all(isinstance(r["text"], str) and r["text"] for r in rows)
+    text = all_text(["pretrain"])
+    assert re.search(r"[\u4e00-\u9fff]", text) and "The capital of" in text  # bilingual
+
+
+@pytest.mark.parametrize("name", ["sft", "lora_medical", "lora_identity", "r1"])
+def test_chat_files_have_valid_conversations(name):
+    rows = read(name)
+    assert len(rows) >= 100
+    for row in rows:
+        check_messages(row["conversations"])
+
+
+def test_sft_has_multi_turn_and_system_prompts():
+    rows = read("sft")
+    assert sum(len(r["conversations"]) > 3 for r in rows) > 100
+    assert sum(r["conversations"][0]["role"] == "system" for r in rows) > 100
+
+
+def test_r1_rows_use_both_reasoning_forms():
+    split = inline = 0
+    for row in read("r1"):
+        reply = row["conversations"][-1]
+        if "reasoning_content" in reply:
+            split += 1
+            assert reply["reasoning_content"] and "<think>" not in reply["content"]
+        else:
+            inline += 1
+            assert THINK_FORMAT.fullmatch(reply["content"]), reply["content"]
+    assert 0.1 < split / (split + inline) < 0.3
+
+
+def test_dpo_pairs_share_the_prompt_and_differ_in_the_reply():
+    rows = read("dpo")
+    assert len(rows) >= 500
+    for row in rows:
+        check_messages(row["chosen"])
+        check_messages(row["rejected"])
+        assert row["chosen"][:-1] == row["rejected"][:-1]
+        assert row["chosen"][-1]["content"] != row["rejected"][-1]["content"]
+
+
+@pytest.mark.parametrize("name", HELDOUT_FILES)
+def test_heldout_rows_are_answerable_and_unseen(name):
+    rows = read(name)
+    assert 40 <= len(rows) <= 120
+    training_text = all_text(TRAINING_FILES)
+    for row in rows:
+        assert row["lang"] in ("en", "zh") and row["question"] and row["answer"]
+        assert row["question"] not in training_text, f"{name}: question seen in training: {row['question']}"
+        if name == "heldout_dpo":
+            assert row["answer"] in row["chosen"] and row["answer"] not in row["rejected"]
+
+
+def test_heldout_sft_facts_are_in_pretrain_prose():
+    pretrain = all_text(["pretrain"])
+    for row in read("heldout_sft"):
+        assert row["answer"] in pretrain
+
+
+def test_medical_facts_only_in_lora_medical():
+    gen = load_generator()
+    world = gen.make_world()
+    names = [d[k] for d in world["diseases"] for k in ("en", "zh")]
+    names += [d["treatment"][i] for d in world["diseases"] for i in (0, 1)]
+    general = all_text(["pretrain", "sft", "dpo", "r1", "lora_identity"])
+    medical = all_text(["lora_medical"])
+    for name in names:
+        assert name not in general, name
+        assert name in medical, name
+
+
+def test_heldout_arithmetic_never_trained():
+    gen = load_generator()
+    training_text = all_text(TRAINING_FILES)
+    for a, op, b in gen.make_world()["heldout_arith"]:
+        zh_op = "加" if op == "+" else "减"
+        # as an equation ("16 + 42 =", a reasoning line "16 + 42:") or in Chinese ("16加42等于")
+        for form in (f"{a} {op} {b} =", f"{a} {op} {b}:", f"{a}{zh_op}{b}等于"):
+            if form in training_text:  # cheap filter; then rule out "116 + 42 =" style false hits
+                assert not re.search(r"(?<!\d)" + re.escape(form), training_text), form
+
+
+def test_generator_is_deterministic_and_matches_committed_files(tmp_path):
+    written = load_generator().main(tmp_path)
+    assert sorted(written) == sorted(TRAINING_FILES + HELDOUT_FILES)
+    for name, path in written.items():
+        assert path.read_bytes() == (DEMO / f"{name}.jsonl").read_bytes(), \
+            f"{name}.jsonl differs: rerun `python scripts/make_demo_data.py` and commit the result"
