@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minillm.checkpoint import load_trainer_state, resolve_checkpoint, save_checkpoint
+from minillm.checkpoint import STATE, WEIGHTS, load_trainer_state, resolve_checkpoint, save_checkpoint
 from minillm.config import ModelConfig, TrainConfig
 
 H100_BF16_FLOPS = 790e12  # the dense bf16 rate ANCHORS.md measures MFU against
@@ -125,18 +125,19 @@ class Trainer:
     `set_epoch(epoch, start_batch)` (resume mid-epoch) and, after `set_epoch(e, 0)`, `len()`
     is the number of batches in an epoch (data.ShardedBatchSampler, data.LengthGroupedBatchSampler).
     `trainable` (default: all parameters) picks what the optimizer updates (LoRA).
-    `save_fn(folder, model)` overrides what a checkpoint holds (LoRA saves only the adapter).
+    `save_fn(folder, model, trainer_state)` overrides what a checkpoint holds (LoRA saves only the
+    adapter); `load_fn(folder, model)` then restores it on resume.
     """
 
     def __init__(self, train_cfg: TrainConfig, model: torch.nn.Module, tokenizer, dataset, batch_sampler,
                  collate_fn, loss_fn: LossFn, dist_info: DistInfo, trainable=None,
                  save_fn: Callable | None = None, tokens_in_batch: Callable[[dict], int] | None = None,
-                 on_save: Callable | None = None):
+                 on_save: Callable | None = None, load_fn: Callable | None = None):
         self.cfg, self.dist, self.tokenizer = train_cfg, dist_info, tokenizer
         self.device = dist_info.device
         self.model = model.to(self.device)
         self.dataset, self.batch_sampler, self.collate_fn = dataset, batch_sampler, collate_fn
-        self.loss_fn, self.save_fn, self.on_save = loss_fn, save_fn, on_save
+        self.loss_fn, self.save_fn, self.on_save, self.load_fn = loss_fn, save_fn, on_save, load_fn
         self.tokens_in_batch = tokens_in_batch or (lambda b: b["input_ids"].numel())
         self.run_dir = Path(train_cfg.save_dir) / train_cfg.save_weight
         self.log_dir = Path(train_cfg.save_dir) / "logs" / train_cfg.save_weight
@@ -202,7 +203,8 @@ class Trainer:
         if not self.cfg.from_resume:
             return False
         try:
-            folder = resolve_checkpoint(self.run_dir)
+            # a save_fn folder may hold no model.safetensors; every resumable one holds the state
+            folder = resolve_checkpoint(self.run_dir, marker=STATE if self.save_fn is not None else WEIGHTS)
         except FileNotFoundError:
             self.log(f"--from_resume 1: no checkpoint at {self.run_dir} yet, starting fresh")
             return False
@@ -216,6 +218,8 @@ class Trainer:
         if self.save_fn is None:  # full checkpoints: restore the weights here
             from minillm.checkpoint import load_weights
             load_weights(self.model, folder)
+        elif self.load_fn is not None:
+            self.load_fn(folder, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][self.dist.rank])
@@ -272,9 +276,9 @@ class Trainer:
             last_micro = micro == accum - 1
             # gradients are all-reduced only on the last micro-step of an accumulation
             sync = self.ddp_model.no_sync() if (self.dist.enabled and not last_micro) else contextlib.nullcontext()
-            with sync, self.autocast:
-                loss, metrics = self.loss_fn(self.step_model, batch)
             with sync:
+                with self.autocast:
+                    loss, metrics = self.loss_fn(self.step_model, batch)
                 self.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach().float() / accum
             for k, v in metrics.items():
@@ -359,3 +363,62 @@ def main_guard(fn):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@dataclass
+class Stage:
+    """What every stage script starts from: resolved configs, processes, tokenizer, model."""
+    model_cfg: ModelConfig
+    cfg: TrainConfig
+    dist: DistInfo
+    tokenizer: object
+    model: torch.nn.Module
+
+
+def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Callable | None = None):
+    """Parse flags, set up processes and seeds, load the tokenizer and build (or load) the model.
+
+    With `--init_from DIR` (or a stage default) the model and its shape come from that
+    checkpoint and its tokenizer is used unless --tokenizer_path says otherwise.
+    `extra_args(parser)` lets a stage add its own flags; returns (Stage, args).
+    """
+    from minillm.checkpoint import load_checkpoint, load_config
+    from minillm.config import build_parser, resolve
+    from minillm.model import MiniLLM
+    from minillm.tokenizer import Tokenizer
+
+    parser = build_parser(description, defaults)
+    if extra_args is not None:
+        extra_args(parser)
+    args = parser.parse_args(argv)
+    init_from = getattr(args, "init_from", defaults.get("init_from", ""))
+    if init_from:
+        try:
+            base_cfg, _ = load_config(init_from)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} (this stage starts from --init_from {init_from})") from None
+        model_cfg, cfg = resolve(args, defaults, base_model=base_cfg)
+    else:
+        model_cfg, cfg = resolve(args, defaults)
+    dist_info = setup_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    if cfg.init_from:
+        model, ckpt_tok = load_checkpoint(cfg.init_from, kernel_backend=model_cfg.kernel_backend)
+        tokenizer = Tokenizer.load(cfg.tokenizer_path) if cfg.tokenizer_path else ckpt_tok
+    else:
+        model, tokenizer = MiniLLM(model_cfg), Tokenizer.load(cfg.tokenizer_path or None)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                         f"{model_cfg.vocab_size}; pass --vocab_size {tokenizer.vocab_size} or another tokenizer")
+    return Stage(model_cfg, cfg, dist_info, tokenizer, model), args
+
+
+def build_on_main_first(dist_info: DistInfo, build: Callable):
+    """Build a dataset on rank 0 first (it writes the caches), then on the others (they reuse them)."""
+    result = None
+    for main_turn in (True, False):
+        if main_turn == dist_info.is_main:
+            result = build()
+        if dist_info.enabled:
+            dist.barrier()
+    return result

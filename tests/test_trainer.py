@@ -1,0 +1,143 @@
+"""The shared loop: resume equals an uninterrupted run, DDP equals one process, loss falls,
+checkpoints are atomic."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_pretrain
+from minillm.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from minillm.config import ModelConfig
+from minillm.model import MiniLLM
+from minillm.trainer import Trainer, lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "debug", "--vocab_size", "6400", "--max_seq_len", "32", "--batch_size", "4",
+        "--log_interval", "1", "--num_workers", "0", "--use_tensorboard", "0", "--learning_rate", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The first few hundred documents of the demo corpus, in a folder of its own (cache lands there)."""
+    path = tmp_path_factory.mktemp("corpus") / "pretrain.jsonl"
+    lines = (ROOT / "dataset/demo/pretrain.jsonl").read_text(encoding="utf-8").splitlines()[:300]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run_pretrain(corpus, save_dir, *extra):
+    return train_pretrain.main(TINY + ["--data_path", str(corpus), "--save_dir", str(save_dir), *extra])
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    lrs = [lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lr_at(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_resume_equals_uninterrupted_run(corpus, tmp_path, monkeypatch):
+    n = 4
+    whole = run_pretrain(corpus, tmp_path / "a", "--max_steps", str(2 * n), "--save_interval", str(n))
+
+    class Crash(Exception):
+        pass
+
+    original_save = Trainer.save
+
+    def save_then_crash(self):
+        original_save(self)
+        if self.step == n:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "save", save_then_crash)
+    with pytest.raises(Crash):
+        run_pretrain(corpus, tmp_path / "b", "--max_steps", str(2 * n), "--save_interval", str(n))
+    monkeypatch.setattr(Trainer, "save", original_save)
+    resumed = run_pretrain(corpus, tmp_path / "b", "--max_steps", str(2 * n), "--save_interval", str(n),
+                           "--from_resume", "1")
+    assert resumed.history == whole.history[n:]  # exact on CPU
+    a, _ = load_checkpoint(tmp_path / "a" / "pretrain", with_tokenizer=False)
+    b, _ = load_checkpoint(tmp_path / "b" / "pretrain", with_tokenizer=False)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_short_pretraining_run_learns(corpus, tmp_path):
+    trainer = run_pretrain(corpus, tmp_path, "--max_steps", "40", "--hidden_size", "128")
+    first, last = trainer.history[0], sum(trainer.history[-5:]) / 5
+    assert last < first - 2.5, trainer.history  # from ~ln(6400)=8.8 to well under 6.3
+    ckpt = resolve_checkpoint(tmp_path / "pretrain")
+    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "config.yaml", "tokenizer.model",
+                                                "trainer_state.pt"}
+
+
+def _losses(stdout: str) -> list[float]:
+    return [float(x) for x in re.findall(r"^step \d+/\d+ .*? loss ([0-9.]+)", stdout, re.M)]
+
+
+def test_two_process_torchrun_matches_one_process(corpus, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    common = [*TINY[:TINY.index("--batch_size")], *TINY[TINY.index("--batch_size") + 2:],
+              "--data_path", str(corpus), "--max_steps", "4", "--accumulation_steps", "2", "--device", "cpu"]
+    one = subprocess.run([sys.executable, str(ROOT / "train_pretrain.py"), *common, "--batch_size", "4",
+                          "--save_dir", str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", str(ROOT / "train_pretrain.py"), *common, "--batch_size", "2",
+                          "--save_dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    l1, l2 = _losses(one.stdout), _losses(two.stdout)
+    assert len(l1) == 4 and len(l2) == 4
+    assert l1 == pytest.approx(l2, rel=1e-4)
+    a, _ = load_checkpoint(tmp_path / "one" / "pretrain", with_tokenizer=False)
+    b, _ = load_checkpoint(tmp_path / "two" / "pretrain", with_tokenizer=False)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-5)
+
+
+def test_checkpoint_round_trip_and_crash_safety(tmp_path, monkeypatch):
+    from minillm.tokenizer import Tokenizer
+    model = MiniLLM(ModelConfig.preset("debug", vocab_size=6400))
+    tok = Tokenizer.load()
+    folder = save_checkpoint(tmp_path / "ck", model, tok)
+    loaded, tok2 = load_checkpoint(folder)
+    x = torch.randint(0, 6400, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert tok2.fingerprint == tok.fingerprint
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+    # a crash while writing the second checkpoint leaves the first one loadable
+    import minillm.checkpoint as ck
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(ck, "save_file", broken)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "ck", MiniLLM(ModelConfig.preset("debug", vocab_size=6400)), tok)
+    again, _ = load_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+
+
+def test_checkpoint_errors_name_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*nowhere"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_bad_flags_give_one_clear_line(corpus, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n', encoding="utf-8")
+    r = subprocess.run([sys.executable, str(ROOT / "train_pretrain.py"), *TINY, "--data_path", str(bad),
+                        "--save_dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2
+    assert f"{bad}:2" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "train_pretrain.py"), "--preset", "nope"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr
