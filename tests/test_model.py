@@ -207,3 +207,15 @@ def test_top_k_top_p_and_repetition_penalty():
 def test_public_api_names():
     for name in ("ModelConfig", "MiniLLM", "Tokenizer", "load_checkpoint", "save_checkpoint", "generate"):
         assert hasattr(minillm, name), name
+
+
+def test_text_generate_streams_the_same_text_as_whole():
+    tok = minillm.Tokenizer.load()
+    model = tiny(vocab_size=tok.vocab_size)
+    msgs = [{"role": "user", "content": "维洛里亚的首都是哪里? What is 2 + 3?"}]
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    whole = minillm.generate(model, tok, msgs, max_new_tokens=12, temperature=1.0, top_p=0.9, generator=g1)
+    pieces = list(minillm.generate(model, tok, msgs, max_new_tokens=12, temperature=1.0, top_p=0.9,
+                                   stream=True, generator=g2))
+    assert "".join(pieces) == whole and len(pieces) > 1
+    assert "<|im_end|>" not in whole
