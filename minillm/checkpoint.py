@@ -6,6 +6,7 @@ which `resolve_checkpoint` picks up.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -37,26 +38,42 @@ def save_checkpoint(folder, model, tokenizer=None, train_cfg: TrainConfig | None
                     trainer_state: dict | None = None, extra: dict | None = None,
                     dtype: torch.dtype | None = None) -> Path:
     """Write a checkpoint folder atomically (temp folder, then rename)."""
+    inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
+    with atomic_folder(folder) as tmp:
+        save_file(model_state_dict(model, dtype), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_yaml(tmp / CONFIG, inner.config, train_cfg, extra)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / STATE)
+    return Path(folder)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder):
+    """Yields an empty temporary folder to write into; on success it replaces `folder`.
+
+    The old folder is first renamed to `<name>.old`, so a crash between the two renames leaves
+    the previous checkpoint where `resolve_checkpoint` finds it. On an error the temp folder is
+    removed and `folder` is left untouched.
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
-    save_file(model_state_dict(model, dtype), str(tmp / WEIGHTS), metadata={"format": "pt"})
-    save_yaml(tmp / CONFIG, inner.config, train_cfg, extra)
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / STATE)
-    _fsync_dir(tmp)
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 def _fsync_dir(folder: Path):
@@ -65,15 +82,18 @@ def _fsync_dir(folder: Path):
             os.fsync(fh.fileno())
 
 
-def resolve_checkpoint(folder) -> Path:
-    """The folder itself, or its `.old` twin left by a crash between the two renames."""
+def resolve_checkpoint(folder, marker: str = WEIGHTS) -> Path:
+    """The folder itself, or its `.old` twin left by a crash between the two renames.
+
+    `marker` is the file a complete folder holds (model.safetensors; a LoRA adapter folder
+    has adapter.safetensors, a resumable one trainer_state.pt)."""
     folder = Path(folder)
-    if (folder / WEIGHTS).is_file():
+    if (folder / marker).is_file():
         return folder
     old = folder.with_name(folder.name + ".old")
-    if (old / WEIGHTS).is_file():
+    if (old / marker).is_file():
         return old
-    raise FileNotFoundError(f"no checkpoint at {folder} (expected {folder / WEIGHTS}); "
+    raise FileNotFoundError(f"no checkpoint at {folder} (expected {folder / marker}); "
                             f"train one first or pass the right folder")
 
 
@@ -115,8 +135,10 @@ def load_checkpoint(folder, device="cpu", kernel_backend: str | None = None, wit
 
 
 def load_trainer_state(folder) -> dict | None:
-    folder = resolve_checkpoint(folder)
-    path = folder / STATE
-    if not path.is_file():
+    try:
+        folder = resolve_checkpoint(folder, marker=STATE)
+    except FileNotFoundError:
+        resolve_checkpoint(folder)  # a checkpoint without resume state: None; no checkpoint: the error
         return None
+    path = folder / STATE
     return torch.load(path, map_location="cpu", weights_only=False)
