@@ -51,7 +51,8 @@ def read_texts(paths, max_texts):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_path", nargs="+", default=["dataset/demo/pretrain.jsonl", "dataset/demo/sft.jsonl"],
+    parser.add_argument("--data_path", nargs="+", default=["dataset/demo/pretrain.jsonl", "dataset/demo/sft.jsonl", "dataset/demo/lora_medical.jsonl",
+                                 "dataset/demo/lora_identity.jsonl", "dataset/demo/dpo.jsonl", "dataset/demo/r1.jsonl"],
                         help="one or more jsonl files (pretrain, SFT, DPO or reasoning format)")
     parser.add_argument("--vocab_size", type=int, default=6400, help="total vocabulary size, specials included")
     parser.add_argument("--out", default="minillm/assets/tokenizer.model", help="where to write the .model file")
