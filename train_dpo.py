@@ -19,7 +19,7 @@ import torch
 from minillm.data import DPODataset, LengthGroupedBatchSampler, dpo_collate
 from minillm.dpo import LOSS_TYPES, chosen_nll, preference_loss, reward_metrics, sequence_logprobs
 from minillm.evaluation import read_heldout
-from minillm.lora import DEFAULT_TARGETS, apply_lora, load_lora, lora_disabled, save_lora
+from minillm.lora import add_lora_flags, apply_lora_from_flags, load_lora, lora_disabled, save_lora
 from minillm.trainer import Trainer, build_on_main_first, main_guard, prepare_stage
 
 STAGE_DEFAULTS = dict(
@@ -41,12 +41,7 @@ def add_dpo_args(parser):
                         help="1 = compute reference log-probs once before training and keep no reference model")
     parser.add_argument("--use_lora", type=int, default=0,
                         help="1 = train a LoRA adapter only; the reference is the model with the adapter off")
-    parser.add_argument("--lora_rank", type=int, default=8, help="LoRA rank (with --use_lora 1)")
-    parser.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA alpha (scale = alpha / rank)")
-    parser.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input")
-    parser.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
-                        help="comma-separated names of the nn.Linear layers that get an adapter")
-    parser.add_argument("--rslora", type=int, default=0, help="1 = rank-stabilised scale alpha / sqrt(rank)")
+    add_lora_flags(parser)
     parser.add_argument("--eval_path", default="dataset/demo/heldout_dpo.jsonl",
                         help="held-out {question, chosen, rejected} rows scored before and after training ('' = skip)")
 
@@ -220,8 +215,7 @@ def main(argv=None):
     # the reference
     trainable, save_fn, load_fn, reference = None, None, None, None
     if args.use_lora:
-        trainable = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                               targets=args.lora_targets, rslora=bool(args.rslora))
+        trainable = apply_lora_from_flags(model, args)
         recipe = {"train": cfg.to_dict(), "dpo": dpo_settings(args)}
         save_fn = lambda folder, m, state: save_lora(folder, m, recipe, trainer_state=state)  # noqa: E731
         load_fn = lambda folder, m: load_lora(m, folder)  # resume: the adapter weights come back from the checkpoint

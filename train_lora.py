@@ -10,7 +10,7 @@ adapter_config.yaml, + trainer_state.pt for --from_resume). `eval_model.py --lor
 loads them onto the base.
 """
 from minillm.data import LengthGroupedBatchSampler, SFTDataset
-from minillm.lora import DEFAULT_TARGETS, apply_lora, load_lora, save_lora
+from minillm.lora import add_lora_flags, apply_lora_from_flags, load_lora, save_lora
 from minillm.trainer import Trainer, build_on_main_first, main_guard, prepare_stage
 from train_full_sft import CountingCollate, sft_loss
 
@@ -25,12 +25,7 @@ def add_lora_args(parser):
     parser.add_argument("--lora_name", default="lora_medical",
                         help="adapter name: saved to <save_dir>/<lora_name>/; without --data_path the data is "
                              "dataset/demo/<lora_name>.jsonl")
-    parser.add_argument("--lora_rank", type=int, default=8, help="rank r of each adapter")
-    parser.add_argument("--lora_alpha", type=float, default=16, help="scaling numerator: update = alpha/r * B @ A")
-    parser.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter's input")
-    parser.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
-                        help="comma-separated names of the nn.Linear modules to adapt (matched by name suffix)")
-    parser.add_argument("--use_rslora", type=int, default=0, help="1 = rsLoRA scaling alpha/sqrt(r)")
+    add_lora_flags(parser)
 
 
 def main(argv=None):
@@ -40,8 +35,7 @@ def main(argv=None):
     cfg.save_weight = cfg.save_weight or args.lora_name
 
     # the adapters: everything else is frozen, and only these go to the optimizer
-    lora_params = apply_lora(stage.model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                             targets=args.lora_targets, rslora=bool(args.use_rslora))
+    lora_params = apply_lora_from_flags(stage.model, args)
 
     dataset = build_on_main_first(stage.dist, lambda: SFTDataset(
         cfg.data_path, stage.tokenizer, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines), seed=cfg.seed))

@@ -263,3 +263,19 @@ def lora_disabled(model: nn.Module):
     finally:
         for m, was in zip(modules, before):
             m.enabled = was
+
+
+def add_lora_flags(parser):
+    """The adapter flags every LoRA-capable stage script takes (train_lora.py, train_dpo.py)."""
+    parser.add_argument("--lora_rank", type=int, default=8, help="rank r of each adapter")
+    parser.add_argument("--lora_alpha", type=float, default=16, help="scaling numerator: update = alpha/r * B @ A")
+    parser.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    parser.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
+                        help="comma-separated names of the nn.Linear modules to adapt (matched by name suffix)")
+    parser.add_argument("--use_rslora", type=int, default=0, help="1 = rsLoRA scaling alpha/sqrt(r)")
+
+
+def apply_lora_from_flags(model: nn.Module, args) -> list[nn.Parameter]:
+    """apply_lora with the values of add_lora_flags' flags."""
+    return apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                      targets=args.lora_targets, rslora=bool(args.use_rslora))

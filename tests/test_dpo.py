@@ -217,6 +217,11 @@ def test_train_dpo_with_lora_saves_only_the_adapter(sft_checkpoint):
     assert trainer.step == 2
     folder = sft_checkpoint / "out" / "dpo_lora"
     assert (folder / "adapter.safetensors").is_file() and not (folder / "model.safetensors").exists()
+    # resuming restores the adapter through the trainer's load_fn and carries on from step 2
+    resumed = train_dpo.main(_argv(sft_checkpoint, "--save_weight", "dpo_lora", "--use_lora", "1",
+                                   "--eval_path", "", "--loss_type", "ipo", "--sft_weight", "0.1",
+                                   "--from_resume", "1", "--max_steps", "3"))
+    assert resumed.step == 3
 
 
 def test_bad_flag_combination_is_a_clear_error(sft_checkpoint):
