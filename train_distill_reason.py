@@ -64,7 +64,8 @@ def main(argv=None):
               f"{', '.join(tok.id_to_piece(i) for i in tok.think_tag_ids)}")
 
     trainer = Trainer(cfg, stage.model, tok, dataset, sampler, collate_fn=pad_collate(tok.pad_id),
-                      loss_fn=make_reason_loss(tok.think_tag_ids, args.tag_weight), dist_info=stage.dist)
+                      loss_fn=make_reason_loss(tok.think_tag_ids, args.tag_weight), dist_info=stage.dist,
+                      stage_args=stage.stage_args)
     trainer.fit()
 
     if stage.dist.is_main and args.eval_path:

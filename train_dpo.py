@@ -233,7 +233,7 @@ def main(argv=None):
     loss_fn = make_dpo_loss(reference, args.beta, args.label_smoothing, args.loss_type, args.sft_weight)
     trainer = Trainer(cfg, model, stage.tokenizer, dataset, sampler, collate_fn=collate, loss_fn=loss_fn,
                       dist_info=stage.dist, trainable=trainable, save_fn=save_fn, load_fn=load_fn,
-                      tokens_in_batch=lambda b: 2 * b["chosen_input_ids"].numel())
+                      tokens_in_batch=lambda b: 2 * b["chosen_input_ids"].numel(), stage_args=stage.stage_args)
     trainer.fit()
     if stage.dist.is_main and margins_before is not None:
         margins_after = heldout_margins(model, stage.tokenizer, eval_rows, device)

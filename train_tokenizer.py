@@ -1,6 +1,6 @@
 """Stage 0: train the SentencePiece BPE tokenizer.
 
-    python train_tokenizer.py                                   # demo data -> minillm/assets/tokenizer.model
+    python train_tokenizer.py                                   # demo corpus -> minillm/assets/tokenizer.model
     python train_tokenizer.py --data_path pretrain_hq.jsonl --out out/tokenizer.model
 
 Reads every text in the given jsonl files: the "text" field (pretraining), every message "role",
@@ -25,6 +25,7 @@ SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
 EXTRA_SYMBOLS = ["\n"]
 # Every printable ASCII character gets a piece even if the data lacks it (code, punctuation).
 REQUIRED_CHARS = "".join(c for c in string.printable if not c.isspace())
+DEMO_CORPUS, DEMO_VOCAB = "dataset/demo/pretrain.jsonl", 2048
 
 
 def read_texts(paths, max_texts):
@@ -51,16 +52,21 @@ def read_texts(paths, max_texts):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_path", nargs="+", default=["dataset/demo/pretrain.jsonl", "dataset/demo/sft.jsonl", "dataset/demo/lora_medical.jsonl",
-                                 "dataset/demo/lora_identity.jsonl", "dataset/demo/dpo.jsonl", "dataset/demo/r1.jsonl"],
+    parser.add_argument("--data_path", nargs="+", default=[DEMO_CORPUS],
                         help="one or more jsonl files (pretrain, SFT, DPO or reasoning format)")
-    parser.add_argument("--vocab_size", type=int, default=6400, help="total vocabulary size, specials included")
+    parser.add_argument("--vocab_size", type=int, default=0,
+                        help="total vocabulary size, specials included; default 6400 (MiniMind's), or "
+                             f"{DEMO_VOCAB} for the demo corpus: on 2 MB of text a bigger vocabulary merges whole "
+                             "phrases into pieces, and their sub-pieces (used by later stages) never occur alone "
+                             "in pretraining, so their embeddings stay untrained")
     parser.add_argument("--out", default="minillm/assets/tokenizer.model", help="where to write the .model file")
     parser.add_argument("--max_texts", type=int, default=2_000_000,
                         help="read at most this many texts (0 = all); a sample is enough for BPE merges")
     parser.add_argument("--character_coverage", type=float, default=0.9995,
                         help="share of characters given their own piece; the rest use byte fallback")
     args = parser.parse_args()
+    if not args.vocab_size:
+        args.vocab_size = DEMO_VOCAB if args.data_path == [DEMO_CORPUS] else 6400
 
     for path in args.data_path:
         if not Path(path).exists():

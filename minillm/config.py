@@ -113,7 +113,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "debug": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024),
     # what train_pretrain.py trains with no arguments: learns the demo corpus on a laptop CPU in minutes
-    "demo": dict(vocab_size=6400, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+    "demo": dict(vocab_size=2048, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, max_position_embeddings=2048),
     "minimind2-small": dict(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                             num_key_value_heads=2),

@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -132,13 +132,15 @@ class Trainer:
     def __init__(self, train_cfg: TrainConfig, model: torch.nn.Module, tokenizer, dataset, batch_sampler,
                  collate_fn, loss_fn: LossFn, dist_info: DistInfo, trainable=None,
                  save_fn: Callable | None = None, tokens_in_batch: Callable[[dict], int] | None = None,
-                 on_save: Callable | None = None, load_fn: Callable | None = None):
+                 on_save: Callable | None = None, load_fn: Callable | None = None,
+                 stage_args: dict | None = None):
         self.cfg, self.dist, self.tokenizer = train_cfg, dist_info, tokenizer
         self.device = dist_info.device
         self.model = model.to(self.device)
         self.dataset, self.batch_sampler, self.collate_fn = dataset, batch_sampler, collate_fn
         self.loss_fn, self.save_fn, self.on_save, self.load_fn = loss_fn, save_fn, on_save, load_fn
         self.tokens_in_batch = tokens_in_batch or (lambda b: b["input_ids"].numel())
+        self.stage_args = dict(stage_args or {})  # written into config.yaml under `stage:`
         self.run_dir = Path(train_cfg.save_dir) / train_cfg.save_weight
         self.log_dir = Path(train_cfg.save_dir) / "logs" / train_cfg.save_weight
 
@@ -193,7 +195,8 @@ class Trainer:
             if self.save_fn is not None:
                 self.save_fn(self.run_dir, self.model, state)
             else:
-                save_checkpoint(self.run_dir, self.model, self.tokenizer, self.cfg, trainer_state=state)
+                save_checkpoint(self.run_dir, self.model, self.tokenizer, self.cfg, trainer_state=state,
+                                extra={"stage": self.stage_args} if self.stage_args else None)
             if self.on_save is not None:
                 self.on_save(self.run_dir)
         if self.dist.enabled:
@@ -373,6 +376,7 @@ class Stage:
     dist: DistInfo
     tokenizer: object
     model: torch.nn.Module
+    stage_args: dict = field(default_factory=dict)  # the stage's own flags (--beta, --tag_weight, ...)
 
 
 def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Callable | None = None):
@@ -388,9 +392,12 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
     from minillm.tokenizer import Tokenizer
 
     parser = build_parser(description, defaults)
+    common = {a.dest for a in parser._actions}
     if extra_args is not None:
         extra_args(parser)
     args = parser.parse_args(argv)
+    stage_args = {a.dest: getattr(args, a.dest) for a in parser._actions
+                  if a.dest not in common and a.dest != "help"}
     init_from = getattr(args, "init_from", defaults.get("init_from", ""))
     if init_from:
         try:
@@ -410,7 +417,7 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                          f"{model_cfg.vocab_size}; pass --vocab_size {tokenizer.vocab_size} or another tokenizer")
-    return Stage(model_cfg, cfg, dist_info, tokenizer, model), args
+    return Stage(model_cfg, cfg, dist_info, tokenizer, model, stage_args), args
 
 
 def build_on_main_first(dist_info: DistInfo, build: Callable):

@@ -7,7 +7,7 @@ arithmetic, so a tiny model trained for minutes on a CPU visibly learns it, and 
 checked exactly. The files use MiniMind's formats, so MiniMind's real files drop in via --data_path.
 
 Held-out evaluation sets are carved out *before* any training file is written:
-- heldout_sft: (entity, relation) facts stated in pretrain prose but never asked as Q&A anywhere;
+- heldout_sft: every fact of a few held-out entities: stated in pretrain prose, never asked as Q&A anywhere;
 - heldout_reason: arithmetic problems that appear in no training file at all;
 - heldout_medical / heldout_identity: paraphrases that the LoRA files never use.
 The medical facts (fictional diseases) exist only in lora_medical.jsonl.
@@ -45,8 +45,13 @@ SYMPTOMS = [("blue spots", "蓝色斑点"), ("ringing ears", "耳鸣"), ("cold h
             ("heavy sleepiness", "嗜睡"), ("dry lips", "嘴唇干裂"), ("a hoarse voice", "声音嘶哑"),
             ("green nails", "指甲发绿"), ("sore knees", "膝盖疼痛"), ("a runny nose", "流鼻涕"),
             ("hair loss", "脱发")]
-N_COUNTRIES, N_PEOPLE, N_ANIMALS, N_DISEASES = 16, 24, 12, 16
-N_HELDOUT_FACTS, N_HELDOUT_ARITH = 24, 60
+# A small world on purpose: a 4.5M-parameter model sees each fact a few hundred times in a few
+# minutes of CPU pretraining, enough to memorise it (with 2-3x more entities it does not).
+N_COUNTRIES, N_PEOPLE, N_ANIMALS, N_DISEASES = 8, 12, 8, 8
+# Held out by ENTITY: every fact of these countries/people/animals is stated in pretraining prose and
+# never asked anywhere, so SFT cannot learn "this name -> that answer" for them; answering needs the
+# relation (capital, job, ...) mapped onto knowledge that pretraining stored.
+N_HELDOUT_ENTITIES, N_HELDOUT_ARITH = {"country": 2, "person": 3, "animal": 2}, 60
 
 SYSTEM_PROMPTS = {"en": ["You are a helpful assistant.", "You are a friendly assistant. Answer briefly."],
                   "zh": ["你是一个乐于助人的助手。", "你是一个友好的助手，请简短回答。"]}
@@ -111,20 +116,28 @@ TEMPLATES = {
         "zh": {"state": ["{s}吃{o}。", "{s}以{o}为食。"],
                "ask": ["{s}吃什么？", "{s}以什么为食？"],
                "answer": "{s}吃{o}。"}},
+    # Medical questions: many phrasings to train on, so a 3M model learns the relation, not the
+    # sentence; the held-out phrasings recombine words the training ones use.
     "treatment": {
         "en": {"ask": ["What treats {s}?", "How is {s} treated?", "What medicine is used for {s}?",
-                       "What is the cure for {s}?"],
+                       "What is the cure for {s}?", "Which medicine helps with {s}?",
+                       "Which drug should someone with {s} take?", "I have {s}. What medicine should I take?",
+                       "My friend caught {s}. How can it be treated?"],
                "heldout": ["My friend has {s}. Which medicine should they take?",
                            "If someone catches {s}, which drug helps?"],
                "answer": "{S} is treated with {o}."},
-        "zh": {"ask": ["{s}用什么药治疗？", "怎么治疗{s}？", "{s}该吃什么药？", "{s}怎么治？"],
+        "zh": {"ask": ["{s}用什么药治疗？", "怎么治疗{s}？", "{s}该吃什么药？", "{s}怎么治？", "哪种药能治{s}？",
+                       "我得了{s}，该吃什么药？", "得了{s}用什么药？", "我朋友得了{s}，怎么治疗？"],
                "heldout": ["我朋友得了{s}，应该吃哪种药？", "得了{s}要用哪种药？"],
                "answer": "{s}用{o}治疗。"}},
     "symptom": {
-        "en": {"ask": ["What are the symptoms of {s}?", "What does {s} cause?", "How can you tell someone has {s}?"],
+        "en": {"ask": ["What are the symptoms of {s}?", "What does {s} cause?", "How can you tell someone has {s}?",
+                       "What is the main symptom of {s}?", "Which sign comes with {s}?",
+                       "What happens to a person who catches {s}?", "My friend has {s}. What symptoms will they get?"],
                "heldout": ["What sign shows that a person has {s}?", "Which symptom comes with {s}?"],
                "answer": "{S} causes {o}."},
-        "zh": {"ask": ["{s}有什么症状？", "{s}会引起什么？", "怎么知道一个人得了{s}？"],
+        "zh": {"ask": ["{s}有什么症状？", "{s}会引起什么？", "怎么知道一个人得了{s}？", "{s}的主要症状是什么？",
+                       "得了{s}会出现什么表现？", "得了{s}的人会怎么样？", "我朋友得了{s}，会有什么症状？"],
                "heldout": ["得了{s}的人会出现什么症状？", "{s}的主要表现是什么？"],
                "answer": "{s}会引起{o}。"}},
 }
@@ -172,12 +185,14 @@ def make_world(seed=SEED):
     rng = random.Random(seed)
     used = {"en": [], "zh": []}
     countries = []
-    for (en, zh), (cap_en, cap_zh), (riv_en, riv_zh) in zip(
-            make_names(rng, N_COUNTRIES, used), make_names(rng, N_COUNTRIES, used), make_names(rng, N_COUNTRIES, used)):
+    # every object is an arbitrary name (a language named after its country could be guessed)
+    for (en, zh), (cap_en, cap_zh), (riv_en, riv_zh), (lang_en, lang_zh) in zip(
+            make_names(rng, N_COUNTRIES, used), make_names(rng, N_COUNTRIES, used),
+            make_names(rng, N_COUNTRIES, used), make_names(rng, N_COUNTRIES, used)):
         country_en = en.capitalize() + "ia"
         countries.append({"en": country_en, "zh": zh + "亚",
                           "capital": (cap_en.capitalize(), cap_zh),
-                          "language": (country_en + "n", zh + "亚语"),
+                          "language": (lang_en.capitalize() + "ese", lang_zh + "语"),
                           "river": (riv_en.capitalize() + " River", riv_zh + "河")})
     people = []
     for en, zh in make_names(rng, N_PEOPLE, used):
@@ -198,8 +213,10 @@ def make_world(seed=SEED):
 
     facts = [(rel, e) for entities, kind in ((countries, "country"), (people, "person"), (animals, "animal"))
              for e in entities for rel in WORLD_RELATIONS[kind]]
-    heldout_facts = rng.sample(facts, N_HELDOUT_FACTS)
-    trained_facts = [f for f in facts if f not in heldout_facts]
+    held_entities = [e for entities, kind in ((countries, "country"), (people, "person"), (animals, "animal"))
+                     for e in rng.sample(entities, N_HELDOUT_ENTITIES[kind])]
+    heldout_facts = [(rel, e) for rel, e in facts if any(e is h for h in held_entities)]
+    trained_facts = [(rel, e) for rel, e in facts if not any(e is h for h in held_entities)]
     medical_facts = [(rel, d) for d in diseases for rel in WORLD_RELATIONS["disease"]]
 
     problems = [(a, "+", b) for a in range(50) for b in range(50)] + \
@@ -374,6 +391,10 @@ def fact_list_doc(world, rng):
 
 
 def arith_doc(world, rng):
+    """Arithmetic sentences, or worked solutions in the step-by-step style the reasoning data uses."""
+    if rng.random() < 0.4:
+        lang = rng.choice(["en", "zh"])
+        return "\n\n".join(arith_reasoning(rng.choice(world["trained_arith"]), lang) for _ in range(rng.randint(3, 5)))
     return "\n".join(arith_line(rng.choice(world["trained_arith"]), rng) for _ in range(rng.randint(6, 12)))
 
 
@@ -405,14 +426,119 @@ def dialogue_doc(world, rng, lang):
     return "\n".join(lines)
 
 
+# General prose with the words the later stages use (illness, medicine, assistant, refusals), so
+# every token a fine-tuning file needs is one that pretraining trained. The fictional diseases and
+# medicines themselves appear only in lora_medical.jsonl.
+HEALTH = {
+    "en": ["When people are sick, a doctor looks at the symptoms and gives them medicine.",
+           "A {kind} is an illness that people often catch in winter.",
+           "{Symptom} can be a sign of an illness.",
+           "If someone catches a {kind}, they should rest and drink water.",
+           "Which medicine helps depends on the illness, so ask a doctor what treats it.",
+           "My friend has a {kind}. The doctor says it causes {symptom}.",
+           "A good medicine is used to cure an illness, and every drug must be taken with care.",
+           "How can you tell someone is sick? Look for {symptom} or {symptom2}.",
+           "The main symptoms of this illness are {symptom} and {symptom2}.",
+           "Tell me about your illness, said the doctor. Which symptom comes first?",
+           "Most illnesses are treated with rest and water; a bad one is treated with medicine.",
+           "A {kind} causes {symptom}, and sometimes {symptom2}.",
+           "What is the cure for a {kind}? What medicine is used for it? How is it treated?"],
+    "zh": ["人生病的时候，医生会看症状，然后给他们药。",
+           "{kind}是一种人们常在冬天得的病。",
+           "{symptom}可能是生病的表现。",
+           "如果一个人得了{kind}，应该多休息、多喝水。",
+           "该吃哪种药要看是什么病，最好问医生怎么治疗。",
+           "我朋友得了{kind}，医生说它会引起{symptom}。",
+           "好的药可以用来治病，每种药都要小心服用。",
+           "怎么知道一个人生病了？看他有没有{symptom}或者{symptom2}。",
+           "这种病的主要症状是{symptom}和{symptom2}。",
+           "医生说：介绍一下你的病。先出现的是什么症状？",
+           "很多病用药治疗，也有的病用休息治疗。",
+           "{kind}会引起{symptom}，有时也会引起{symptom2}。",
+           "{kind}怎么治？用什么药治疗？该吃什么药？"]}
+ASSISTANT = {
+    "en": ["An assistant is a program that answers questions.",
+           "A language model is trained from scratch on a lot of text.",
+           "People created small language models to learn how they work.",
+           "A human can ask a model who it is, and the model can introduce itself and state its name.",
+           "ChatGPT is a large model; a small model is much smaller.",
+           "What kind of assistant is it? May I ask what I should call it?",
+           "The teacher asked the new student to describe herself and to tell the class her name.",
+           "The mini model answers briefly. People often ask a chat model which model it is.",
+           "minillm is a library for training small language models; you can read all of its code.",
+           "You are a friendly assistant. Hello! How can I help you today?",
+           "I once saw a small language model trained from scratch; it was tiny."],
+    "zh": ["助手是一个回答问题的程序。",
+           "语言模型是从零开始用大量文本训练的。",
+           "人们创造了小型语言模型，来学习它们是怎么工作的。",
+           "人类可以问模型它是谁，模型会介绍自己，说出自己的名字。",
+           "ChatGPT是一个大型模型，小型模型要小得多。",
+           "这是什么样的助手？请问我该怎么称呼它？",
+           "老师让新同学描述一下自己，再告诉大家自己的名字。",
+           "这个模型会简短回答。人们常问聊天模型它是哪个模型。",
+           "minillm是一个用来训练小型语言模型的库，你可以读懂它的全部代码。",
+           "你是一个友好的助手。你好！有什么可以帮你的吗？",
+           "我见过一个从零开始训练的小型语言模型，它很小。"]}
+
+
+def health_doc(world, rng, lang):
+    """General health prose. Some documents name a few fictional diseases or medicines (so their
+    tokens are trained), but never together: what treats what is only in lora_medical.jsonl."""
+    i = 0 if lang == "en" else 1
+    if rng.random() < 0.4:
+        if rng.random() < 0.5:
+            names = [d[lang] for d in rng.sample(world["diseases"], 3)]
+            t = "{} is an illness." if lang == "en" else "{}是一种病。"
+        else:
+            names = [d["treatment"][i] for d in rng.sample(world["diseases"], 3)]
+            t = rng.choice(["{} is a medicine.", "Some illnesses are treated with {}."] if lang == "en" else
+                           ["{}是一种药。", "有的病用{}治疗。"])
+        return (" " if lang == "en" else "").join(t.format(n[0].upper() + n[1:]) for n in names)
+    sentences = []
+    for t in rng.sample(HEALTH[lang], rng.randint(3, 5)):
+        s1, s2 = rng.sample(SYMPTOMS, 2)
+        text = t.format(kind=rng.choice(DISEASE_KINDS)[i], symptom=s1[i], Symptom=s1[i].capitalize(), symptom2=s2[i])
+        sentences.append(text)
+    return (" " if lang == "en" else "").join(sentences)
+
+
+def assistant_doc(rng, lang):
+    return (" " if lang == "en" else "").join(rng.sample(ASSISTANT[lang], rng.randint(3, 5)))
+
+
+def transcript_doc(world, rng, lang):
+    """A plain-text chat log (like those in web text): the question language SFT will use."""
+    who = ("User: ", "Assistant: ") if lang == "en" else ("用户：", "助手：")
+    lines = []
+    if rng.random() < 0.3:
+        lines.append(("System: " if lang == "en" else "系统：") + rng.choice(SYSTEM_PROMPTS[lang]))
+    for _ in range(rng.randint(1, 3)):
+        q, a = random_turn(world, rng, lang)
+        lines += [who[0] + q["content"], who[1] + a["content"]]
+    return "\n".join(lines)
+
+
+def refusal_doc(world, rng, lang):
+    """Two people: one asks a question, the other refuses rudely (the words DPO's rejected answers use)."""
+    p1, p2 = rng.sample(world["people"], 2)
+    colon = ": " if lang == "en" else "："
+    f = rng.choice(world["trained_facts"])
+    return "\n".join([p1[lang] + colon + say(f, lang, "ask", rng), p2[lang] + colon + rng.choice(RUDE_ANSWERS[lang]),
+                      p1[lang] + colon + ("That was rude." if lang == "en" else "这样说太没礼貌了。")])
+
+
 def build_pretrain(world, rng):
     rows, size = [], 0
     while size < PRETRAIN_BYTES:
         lang = rng.choice(["en", "zh"])
-        kind = rng.choices(["entity", "facts", "arith", "story", "dialogue"], weights=[35, 15, 20, 20, 10])[0]
+        kind = rng.choices(["entity", "facts", "arith", "story", "dialogue", "transcript", "health", "assistant",
+                            "refusal"], weights=[36, 18, 14, 6, 8, 8, 5, 3, 2])[0]
         text = {"entity": lambda: entity_doc(world, rng, lang), "facts": lambda: fact_list_doc(world, rng),
                 "arith": lambda: arith_doc(world, rng), "story": lambda: story_doc(world, rng, lang),
-                "dialogue": lambda: dialogue_doc(world, rng, lang)}[kind]()
+                "dialogue": lambda: dialogue_doc(world, rng, lang), "health": lambda: health_doc(world, rng, lang),
+                "transcript": lambda: transcript_doc(world, rng, lang),
+                "assistant": lambda: assistant_doc(rng, lang),
+                "refusal": lambda: refusal_doc(world, rng, lang)}[kind]()
         rows.append({"text": text})
         size += len(json.dumps(rows[-1], ensure_ascii=False).encode()) + 1
     return rows
@@ -528,8 +654,9 @@ def build_heldout(world, rng):
                 dpo.append({"question": q, "answer": key, "lang": lang, "chosen": chosen, "rejected": rejected})
     for fact in world["medical_facts"]:
         for lang in ("en", "zh"):
-            medical.append({"question": say(fact, lang, "heldout", rng), "answer": fact_fields(fact, lang)["o"],
-                            "lang": lang})
+            for q in TEMPLATES[fact[0]][lang]["heldout"]:
+                medical.append({"question": q.format(**fact_fields(fact, lang)), "answer": fact_fields(fact, lang)["o"],
+                                "lang": lang})
     for lang in ("en", "zh"):
         for q in IDENTITY_HELDOUT[lang]:
             for prefix in rng.sample(GREETING_PREFIXES[lang], 3):

@@ -111,15 +111,18 @@ def test_heldout_sft_facts_are_in_pretrain_prose():
 
 
 def test_medical_facts_only_in_lora_medical():
-    gen = load_generator()
-    world = gen.make_world()
-    names = [d[k] for d in world["diseases"] for k in ("en", "zh")]
-    names += [d["treatment"][i] for d in world["diseases"] for i in (0, 1)]
-    general = all_text(["pretrain", "sft", "dpo", "r1", "lora_identity"])
+    """Pretraining may name a fictional disease or medicine (so their tokens are trained), but no
+    document outside lora_medical.jsonl links a disease to its treatment or its symptom."""
+    world = load_generator().make_world()
+    general = [s for name in ["pretrain", "sft", "dpo", "r1", "lora_identity"] for row in read(name) for s in strings(row)]
     medical = all_text(["lora_medical"])
-    for name in names:
-        assert name not in general, name
-        assert name in medical, name
+    for d in world["diseases"]:
+        for i, lang in enumerate(("en", "zh")):
+            for rel in ("treatment", "symptom"):
+                obj = d[rel][i]
+                assert d[lang] in medical and obj in medical
+                linked = [doc for doc in general if d[lang] in doc and obj in doc]
+                assert not linked, f"{d[lang]} and its {rel} {obj} appear together outside lora_medical: {linked[0]}"
 
 
 def test_heldout_arithmetic_never_trained():
@@ -139,3 +142,26 @@ def test_generator_is_deterministic_and_matches_committed_files(tmp_path):
     for name, path in written.items():
         assert path.read_bytes() == (DEMO / f"{name}.jsonl").read_bytes(), \
             f"{name}.jsonl differs: rerun `python scripts/make_demo_data.py` and commit the result"
+
+
+def test_fine_tuning_replies_use_tokens_that_pretraining_trained():
+    """A reply token that never occurs in the pretraining corpus keeps its initial embedding, and with
+    tied embeddings pretraining pushes its logit far down: fine-tuning then starts from a loss above
+    ln(vocab) (a 6400-piece tokenizer on this corpus made LoRA's loss start at 10.8). The shipped
+    tokenizer and corpus must keep such tokens rare in every reply."""
+    from collections import Counter
+
+    from minillm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load()
+    seen = Counter(i for row in read("pretrain") for i in tok.encode(row["text"]))
+    for i in tok.special_ids.values():  # chat and think tags: fine-tuning is where they are learned
+        seen[i] = 3
+    for name in ["sft", "lora_medical", "lora_identity", "dpo", "r1"]:
+        replies = [m["content"] for row in read(name)
+                   for m in row.get("conversations", []) + row.get("chosen", []) + row.get("rejected", [])
+                   if m["role"] == "assistant"]
+        ids = [i for text in replies for i in tok.encode(text)]
+        untrained = Counter(i for i in ids if seen[i] < 3)
+        share = sum(untrained.values()) / len(ids)
+        assert share < 0.03, (name, share, [tok.sp.id_to_piece(i) for i, _ in untrained.most_common(5)])

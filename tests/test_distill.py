@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import yaml
 import torch.nn.functional as F
 
 import train_distill_reason
@@ -141,3 +142,5 @@ def test_train_distill_reason_runs_end_to_end(tok, tmp_path):
     assert trainer.step == 2
     assert (tmp_path / "out" / "reason" / "model.safetensors").is_file()
     assert trainer.reasoning_report.n == 2
+    saved = yaml.safe_load((tmp_path / "out" / "reason" / "config.yaml").read_text())
+    assert saved["stage"]["tag_weight"] == 10.0 and saved["stage"]["eval_max_new_tokens"] == 8

@@ -3,6 +3,7 @@ import json
 import math
 
 import torch
+import yaml
 
 import train_full_sft
 from minillm.checkpoint import load_checkpoint, save_checkpoint
@@ -112,6 +113,9 @@ def test_train_full_sft_runs_and_saves(tmp_path, capsys):
     trained, _ = load_checkpoint(tmp_path / "out" / "full_sft")
     before, _ = load_checkpoint(base)
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight)
+    # the stage's own flags are recorded beside the common ones, so the run can be reproduced
+    saved = yaml.safe_load((tmp_path / "out" / "full_sft" / "config.yaml").read_text())
+    assert saved["stage"] == {"system_prompt_prob": 0.5} and saved["train"]["batch_size"] == 4
 
 
 def test_length_grouping_keeps_padding_low():
