@@ -14,8 +14,8 @@ from minillm.trainer import Trainer, build_on_main_first, main_guard, prepare_st
 STAGE_DEFAULTS = dict(
     data_path="dataset/demo/sft.jsonl", init_from="out/pretrain", save_weight="full_sft", epochs=2,
     # a gentle rate: SFT teaches the chat format on top of pretrained knowledge; at 1e-3 the demo
-    # model memorises "this name -> that answer" instead (held-out accuracy 19% vs 42% at 3e-4)
-    batch_size=16, max_seq_len=256, learning_rate=3e-4, accumulation_steps=1,
+    # model learns "a trained name -> its answer" instead (demo held-out accuracy 22% vs 45% at 1e-4)
+    batch_size=16, max_seq_len=256, learning_rate=1e-4, accumulation_steps=1,
     log_interval=10, save_interval=100,
 )
 

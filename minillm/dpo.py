@@ -11,6 +11,7 @@ template masks the prompt and the padding to -100, so neither ever reaches the l
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -68,3 +69,48 @@ def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch
     """Mean per-token NLL of the chosen responses (the SFT regulariser against DPO drifting off
     the chosen text, or a loss stuck at log 2 = 0.693)."""
     return -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
+
+
+def pair_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen rows then rejected rows in one batch (dpo_collate pads both to one length)."""
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    return ids, labels
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode inside the block, the previous mode after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def preference_margins(model, tokenizer, rows, device, batch_size: int = 32) -> torch.Tensor:
+    """log π(chosen) − log π(rejected) [N] for each held-out row's question (one user turn);
+    the demo's preference measure (dataset/demo/heldout_dpo.jsonl rows: question, chosen, rejected)."""
+    from minillm.data import dpo_collate
+
+    collate = dpo_collate(tokenizer.pad_id)
+    margins = []
+    with eval_mode(model):
+        for start in range(0, len(rows), batch_size):
+            items = []
+            for row in rows[start: start + batch_size]:
+                item = {}
+                for side in ("chosen", "rejected"):
+                    ids, mask = tokenizer.render_chat([{"role": "user", "content": row["question"]},
+                                                       {"role": "assistant", "content": row[side]}])
+                    ids, mask = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+                    item[f"{side}_input_ids"] = ids[:-1]
+                    item[f"{side}_labels"] = torch.where(mask[1:], ids[1:], -100)
+                items.append(item)
+            batch = {k: v.to(device) for k, v in collate(items).items()}
+            ids, labels = pair_batch(batch)
+            chosen, rejected = sequence_logprobs(model(ids), labels)[0].float().cpu().chunk(2)
+            margins.append(chosen - rejected)
+    return torch.cat(margins)

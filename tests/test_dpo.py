@@ -10,7 +10,7 @@ import train_dpo
 from minillm.checkpoint import load_checkpoint, save_checkpoint
 from minillm.config import ModelConfig
 from minillm.data import DPODataset, dpo_collate
-from minillm.dpo import preference_loss, reward_metrics, sequence_logprobs
+from minillm.dpo import pair_batch, preference_loss, reward_metrics, sequence_logprobs
 from minillm.lora import apply_lora
 from minillm.model import MiniLLM
 from minillm.tokenizer import Tokenizer
@@ -148,7 +148,7 @@ def test_lora_reference_is_the_base_model_with_no_second_copy():
     params = apply_lora(policy, rank=4, alpha=8)
     reference = train_dpo.reference_fn(lora_model=policy)
     batch = random_pair_batch(B=2, seed=4)
-    ids, labels = train_dpo._pair_batch(batch)
+    ids, labels = pair_batch(batch)
     expect = sequence_logprobs(base(ids), labels)[0].detach()
     with torch.no_grad():  # a trained adapter changes the policy ...
         for p in params:
@@ -200,7 +200,7 @@ def test_precomputed_reference_equals_the_frozen_copy(sft_checkpoint):
                                                contextlib.nullcontext())
     rows = [0, 7, 13]
     batch = collate([pairs[i] for i in rows])
-    direct = train_dpo.reference_fn(ref_model=model)(*train_dpo._pair_batch(batch))
+    direct = train_dpo.reference_fn(ref_model=model)(*pair_batch(batch))
     torch.testing.assert_close(ref_logps[rows], torch.stack(direct.chunk(2), dim=1), rtol=1e-4, atol=1e-4)
     # and the loss_fn reads them from the batch instead of running a reference model
     with_ref = train_dpo.CollateWithReference(collate)([train_dpo.WithReference(pairs, ref_logps)[i] for i in rows])

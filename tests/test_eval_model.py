@@ -105,3 +105,21 @@ def test_eval_loss_on_every_stage_format(tmp_path):
     # pretrain text longer than a row: windows cover every token once
     n_text = len(TOK.encode(files["pretrain"]["text"])) + 1  # + EOS
     assert eval_loss(model, TOK, tmp_path / "pretrain.jsonl", max_seq_len=64)["tokens"] == n_text - 1
+
+
+def test_demo_report_evaluates_what_exists_and_names_what_does_not(save_dir, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_report", ROOT / "scripts" / "demo_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    table = dict(report.main(["--save_dir", str(save_dir), "--limit", "2", "--markdown"]))
+    assert set(table) == {label for label, _, _ in report.STAGES}
+    for label in ("pretrain", "full SFT", "SFT + lora_medical"):  # in the fixture
+        cells = table[label]
+        assert cells["facts"].endswith("%") and cells["preference"].count("%") == 1
+        assert cells["reasoning"].startswith("format ")
+    for label in ("SFT + lora_identity", "DPO", "reasoning distill"):  # not in the fixture
+        assert set(table[label].values()) == {"not trained"}
+    out = capsys.readouterr().out
+    assert "| stage | facts | medical | identity | preference | reasoning |" in out
