@@ -80,14 +80,16 @@ def reference_fn(ref_model=None, lora_model=None):
 
 
 def make_dpo_loss(reference, beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
-                  sft_weight: float = 0.0):
+                  sft_weight: float = 0.0, aux_loss_coef: float = 0.0):
     """The stage's loss_fn(model, batch). `reference` is a reference_fn, or None when every batch
-    carries precomputed `ref_chosen_logps` / `ref_rejected_logps`."""
+    carries precomputed `ref_chosen_logps` / `ref_rejected_logps`. `aux_loss_coef` > 0 (MoE
+    policies) adds the router's load-balancing loss, as in every other stage."""
 
     def dpo_loss(model, batch):
         ids, labels = pair_batch(batch)
         # one forward over chosen + rejected: same weights, one kernel launch sequence, one DDP sync
-        logps, n_tokens = sequence_logprobs(model(ids), labels)
+        logits, aux = model(ids, return_aux=True) if aux_loss_coef > 0 else (model(ids), None)
+        logps, n_tokens = sequence_logprobs(logits, labels)
         policy_chosen, policy_rejected = logps.chunk(2)
         if reference is None:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -101,6 +103,9 @@ def make_dpo_loss(reference, beta: float, label_smoothing: float = 0.0, loss_typ
             nll = chosen_nll(policy_chosen, n_tokens.chunk(2)[0])
             loss = loss + sft_weight * nll
             metrics["dpo_loss"], metrics["chosen_nll"] = out.loss.detach(), nll.detach()
+        if aux_loss_coef > 0:
+            loss = loss + aux_loss_coef * aux
+            metrics["aux_loss"] = aux.detach()
         return loss, metrics
     return dpo_loss
 
@@ -191,7 +196,8 @@ def main(argv=None):
     else:
         reference = reference_fn(ref_model=frozen_reference(model))
 
-    loss_fn = make_dpo_loss(reference, args.beta, args.label_smoothing, args.loss_type, args.sft_weight)
+    loss_fn = make_dpo_loss(reference, args.beta, args.label_smoothing, args.loss_type, args.sft_weight,
+                            aux_loss_coef=stage.model_cfg.aux_loss_coef if stage.model_cfg.use_moe else 0.0)
     trainer = Trainer(cfg, model, stage.tokenizer, dataset, sampler, collate_fn=collate, loss_fn=loss_fn,
                       dist_info=stage.dist, trainable=trainable, save_fn=save_fn, load_fn=load_fn,
                       tokens_in_batch=lambda b: 2 * b["chosen_input_ids"].numel(), stage_args=stage.stage_args)

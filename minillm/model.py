@@ -283,15 +283,17 @@ class MiniLLM(nn.Module):
         cos, sin = self._rope(start + T)
         return cos[start:], sin[start:], None, None
 
-    def forward(self, input_ids, labels=None, loss_weights=None, cache: KVCache | None = None):
-        """labels None -> logits [B, T, V]; labels given -> LossOutput (see `loss`).
+    def forward(self, input_ids, labels=None, loss_weights=None, cache: KVCache | None = None,
+                return_aux: bool = False):
+        """labels None -> logits [B, T, V] (with return_aux: (logits, MoE aux loss), for losses
+        built on logits such as DPO's); labels given -> LossOutput (see `loss`).
 
         The loss lives behind forward so DDP and torch.compile wrappers see the whole step.
         """
         if labels is not None:
             return self.loss(input_ids, labels, loss_weights)
-        h, _ = self.forward_hidden(input_ids, cache)
-        return self.lm_head(h)
+        h, aux = self.forward_hidden(input_ids, cache)
+        return (self.lm_head(h), aux) if return_aux else self.lm_head(h)
 
     def loss(self, input_ids, labels, loss_weights=None) -> LossOutput:
         """Mean next-token cross-entropy over positions whose label is not -100.

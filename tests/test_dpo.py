@@ -227,3 +227,16 @@ def test_train_dpo_with_lora_saves_only_the_adapter(sft_checkpoint):
 def test_bad_flag_combination_is_a_clear_error(sft_checkpoint):
     with pytest.raises(ValueError, match="precompute_ref"):
         train_dpo.main(_argv(sft_checkpoint, "--use_lora", "1", "--precompute_ref", "1"))
+
+
+def test_moe_policy_adds_the_router_balance_loss():
+    torch.manual_seed(0)
+    policy = MiniLLM(ModelConfig.preset("debug", vocab_size=512, use_moe=True, kernel_backend="torch"))
+    reference = train_dpo.reference_fn(ref_model=train_dpo.frozen_reference(policy))
+    batch = random_pair_batch(B=2, seed=5)
+    plain, _ = train_dpo.make_dpo_loss(reference, beta=0.1)(policy, batch)
+    with_aux, metrics = train_dpo.make_dpo_loss(reference, beta=0.1, aux_loss_coef=0.5)(policy, batch)
+    _, aux = policy(torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]), return_aux=True)
+    assert aux.item() > 0.5  # a real balance loss (≈1 when balanced), not the dense model's zero
+    torch.testing.assert_close(metrics["aux_loss"], aux.detach())
+    torch.testing.assert_close(with_aux, plain + 0.5 * aux)
