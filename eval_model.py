@@ -24,25 +24,31 @@ import torch
 
 from minillm.checkpoint import load_checkpoint, load_config
 from minillm.evaluation import demo_heldout_path, eval_loss, heldout_accuracy, read_heldout
+from minillm.reasoning import evaluate_reasoning
 from minillm.generate import generate
 from minillm.lora import load_lora, read_lora_config
 
 MODE_FOLDERS = {0: "pretrain", 1: "full_sft", 2: "dpo", 3: "reason"}
 
-# fixed auto-test prompts, bilingual; mode 0 gets raw text to continue, the others questions
+# fixed auto-test prompts, bilingual, about the demo world (tests/test_eval_model.py checks every name
+# still exists in dataset/demo); mode 0 gets raw text to continue, the others questions. The fact
+# questions include held-out entities (Morkeia, Ulsa: never asked in any training file).
 PROMPTS = {
-    0: ["Dakaia is a country whose capital", "达卡亚的首都是", "Lili is a", "36 + 20 =", "Once upon a time,",
+    0: ["Dakaia is a country whose capital", "达卡亚的首都是", "Torbri is a", "36 + 20 =", "Once upon a time,",
         "一天早上，"],
-    1: ["What language do people in Dakaia speak?", "达卡亚的语言是什么？", "What is Lili's job?",
-        "文贝是做什么工作的？", "What is 36 + 20?", "请算一下2加28。", "Hello! Who are you?", "你好！"],
+    1: ["What language do people in Dakaia speak?", "达卡亚的语言是什么？", "What is Ulsa's job?",
+        "莫克亚的首都是哪里？", "What is 36 + 20?", "请算一下2加28。", "Hello! Who are you?", "你好！"],
     3: ["What is 27 + 15?", "请算一下41减19。", "Calculate 8 + 35.", "计算30减12。"],
 }
 PROMPTS[2] = PROMPTS[1]
 LORA_PROMPTS = {
-    "lora_medical": ["What treats torqui fever?", "What are the symptoms of nertor rash?", "胡托热会引起什么？",
-                     "得了多诺疹该吃什么药？"],
+    "lora_medical": ["What treats temlo fever?", "What are the symptoms of yahu rash?", "莫洛热会引起什么？",
+                     "得了戈多痘该吃什么药？"],
     "lora_identity": ["Who are you?", "What is your name?", "你是谁？", "介绍一下你自己。"],
 }
+# the demo entities those prompts name, with the file that must mention each
+PROMPT_ENTITIES = {"pretrain": ["Dakaia", "达卡亚", "Torbri", "Ulsa", "莫克亚"],
+                   "lora_medical": ["temlo fever", "yahu rash", "莫洛热", "戈多痘"]}
 
 
 def build_parser():
@@ -156,7 +162,11 @@ def main(argv=None):
         if args.model_mode >= 1 and not no_heldout and is_demo_run(folder, lora, args.save_dir):
             demo = demo_heldout_path(lora or MODE_FOLDERS[args.model_mode])
             heldout = str(demo) if demo else ""
-    if heldout:
+    if heldout and args.model_mode == 3:
+        # a reasoning model: the answer counts only inside <answer>…</answer>, and the format is reported
+        report = evaluate_reasoning(model, tok, read_heldout(heldout), max_new_tokens=args.max_new_tokens)
+        print(f"held-out on {heldout}: {report}")
+    elif heldout:
         # greedy; answers are one short sentence, so replies are capped at 48 new tokens
         result = heldout_accuracy(model, tok, read_heldout(heldout), max_new_tokens=min(args.max_new_tokens, 48))
         print(f"held-out accuracy on {heldout}: {result.summary()}")

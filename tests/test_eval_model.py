@@ -46,7 +46,7 @@ def run_eval(*args, stdin=None):
 def test_auto_test_streams_every_prompt_then_reports_heldout(save_dir):
     out = run_eval("--save_dir", str(save_dir), "--model_mode", "1", "--show_speed", "--lora_name", "lora_medical")
     assert "+ LoRA lora_medical" in out and "chat" in out
-    assert out.count("user> ") == 4 and "What treats torqui fever?" in out  # the adapter's own prompts
+    assert out.count("user> ") == 4 and "What treats temlo fever?" in out  # the adapter's own prompts
     assert "tokens/s decode" in out
     assert "held-out accuracy on dataset/demo/heldout_medical.jsonl:" in out  # demo run -> its held-out set
 
@@ -123,3 +123,19 @@ def test_demo_report_evaluates_what_exists_and_names_what_does_not(save_dir, cap
         assert set(table[label].values()) == {"not trained"}
     out = capsys.readouterr().out
     assert "| stage | facts | medical | identity | preference | reasoning |" in out
+
+
+def test_auto_test_prompts_name_entities_of_the_current_demo_world():
+    """The demo data is generated; a regenerated world must not leave the prompts asking about nobody."""
+    for name, entities in eval_model.PROMPT_ENTITIES.items():
+        text = (ROOT / "dataset" / "demo" / f"{name}.jsonl").read_text(encoding="utf-8")
+        prompts = "".join(eval_model.LORA_PROMPTS.get(name, [])) or "".join(sum(eval_model.PROMPTS.values(), []))
+        for entity in entities:
+            assert entity in prompts and entity in text, entity
+
+
+def test_reasoning_mode_reports_format_compliance(save_dir, tmp_path):
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"question": "What is 1 + 2?", "answer": "3"}\n', encoding="utf-8")
+    out = run_eval("--checkpoint", str(save_dir / "full_sft"), "--model_mode", "3", "--heldout", str(held))
+    assert f"held-out on {held}: format compliance 0.0% (0/1), answer accuracy 0.0% (0/1)" in out
