@@ -24,9 +24,9 @@ import torch
 
 from minillm.checkpoint import load_checkpoint, load_config
 from minillm.evaluation import demo_heldout_path, eval_loss, heldout_accuracy, read_heldout
-from minillm.reasoning import evaluate_reasoning
 from minillm.generate import generate
 from minillm.lora import load_lora, read_lora_config
+from minillm.reasoning import evaluate_reasoning
 
 MODE_FOLDERS = {0: "pretrain", 1: "full_sft", 2: "dpo", 3: "reason"}
 

@@ -17,10 +17,11 @@ import copy
 import torch
 
 from minillm.data import DPODataset, LengthGroupedBatchSampler, dpo_collate
-from minillm.dpo import (LOSS_TYPES, chosen_nll, eval_mode, pair_batch, preference_loss, preference_margins,
-                         reward_metrics, sequence_logprobs)
+from minillm.dpo import (LOSS_TYPES, chosen_nll, pair_batch, preference_loss, preference_margins, reward_metrics,
+                         sequence_logprobs)
 from minillm.evaluation import read_heldout
 from minillm.lora import add_lora_flags, apply_lora_from_flags, load_lora, lora_disabled, save_lora
+from minillm.model import eval_mode
 from minillm.trainer import Trainer, build_on_main_first, main_guard, prepare_stage
 
 STAGE_DEFAULTS = dict(

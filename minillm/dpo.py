@@ -11,11 +11,12 @@ template masks the prompt and the padding to -100, so neither ever reaches the l
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from minillm.model import eval_mode
 
 IGNORE_INDEX = -100
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -76,17 +77,6 @@ def pair_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
     return ids, labels
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Eval mode inside the block, the previous mode after it."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()

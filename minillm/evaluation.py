@@ -18,6 +18,7 @@ import torch
 
 from minillm.data import FORMATS, IGNORE_INDEX, DataError, read_jsonl
 from minillm.generate import SamplingParams, generate_batch
+from minillm.model import eval_mode
 
 HELDOUT_FIELDS = {"question": str, "answer": str}
 
@@ -121,8 +122,6 @@ def eval_loss(model, tokenizer, path, max_seq_len: int = 512, batch_size: int = 
     (DPO files: the chosen replies). Only trained positions count: all text for pretraining,
     the assistant turns for chat data."""
     fmt = detect_format(path)
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total_nll, total_tokens, n_rows, batch = 0.0, 0, 0, []
 
@@ -140,7 +139,7 @@ def eval_loss(model, tokenizer, path, max_seq_len: int = 512, batch_size: int = 
         total_tokens += n
         batch.clear()
 
-    try:
+    with eval_mode(model):
         for ids, labels in _rows_for_eval(path, tokenizer, max_seq_len, fmt):
             batch.append((ids, labels))
             n_rows += 1
@@ -150,8 +149,6 @@ def eval_loss(model, tokenizer, path, max_seq_len: int = 512, batch_size: int = 
                 break
         if batch:
             flush()
-    finally:
-        model.train(was_training)
     if total_tokens == 0:
         raise DataError(f"{path}: no tokens to evaluate")
     loss = total_nll / total_tokens

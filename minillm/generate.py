@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from minillm.model import KVCache, MiniLLM
+from minillm.model import KVCache, MiniLLM, eval_mode
 
 
 @dataclass
@@ -67,8 +67,6 @@ def generate_ids(model: MiniLLM, prompts: Sequence[Sequence[int]], params: Sampl
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     B, longest = len(prompts), max(len(p) for p in prompts)
     max_len = longest + params.max_new_tokens
@@ -88,7 +86,7 @@ def generate_ids(model: MiniLLM, prompts: Sequence[Sequence[int]], params: Sampl
         seen[row, list(p)] = True
     stop = torch.tensor(sorted(set(params.stop_ids)) or [-1], device=device)
     done = [False] * B
-    try:
+    with eval_mode(model):
         logits = model(ids, cache=cache)[:, -1].float()
         for _ in range(params.max_new_tokens):
             logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
@@ -104,8 +102,6 @@ def generate_ids(model: MiniLLM, prompts: Sequence[Sequence[int]], params: Sampl
             if all(done):
                 break
             logits = model(nxt.unsqueeze(1), cache=cache)[:, -1].float()
-    finally:
-        model.train(was_training)
 
 
 def generate_batch(model, prompts, params: SamplingParams, pad_id: int = 0, generator=None) -> list[list[int]]:

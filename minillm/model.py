@@ -6,6 +6,7 @@ one-to-one onto the transformers formats. Every op with a fused kernel goes thro
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -16,6 +17,17 @@ import torch.nn.functional as F
 from kernels import dispatch
 from kernels.reference import attention_ref
 from minillm.config import ModelConfig
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode inside the block, the previous mode after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class RMSNorm(nn.Module):

@@ -396,8 +396,7 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
     if extra_args is not None:
         extra_args(parser)
     args = parser.parse_args(argv)
-    stage_args = {a.dest: getattr(args, a.dest) for a in parser._actions
-                  if a.dest not in common and a.dest != "help"}
+    stage_args = {a.dest: getattr(args, a.dest) for a in parser._actions if a.dest not in common}
     init_from = getattr(args, "init_from", defaults.get("init_from", ""))
     if init_from:
         try:
