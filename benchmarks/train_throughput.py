@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from minillm.config import ModelConfig  # noqa: E402
 from minillm.model import MiniLLM  # noqa: E402
-from minillm.trainer import H100_BF16_FLOPS, flops_per_token  # noqa: E402
+from minillm.trainer import H100_BF16_FLOPS, autocast_context, flops_per_token, training_dtype  # noqa: E402
 
 
 def main():
@@ -31,7 +31,7 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", help="autocast dtype on CUDA (float32 = off)")
+    p.add_argument("--dtype", default="bfloat16", help="autocast dtype, as the trainer's --dtype (float32 = off)")
     p.add_argument("--backend", default="auto", help="kernel backend: auto | triton | torch")
     p.add_argument("--compile", type=int, default=-1, help="torch.compile (-1 = on for CUDA)")
     args = p.parse_args()
@@ -43,8 +43,7 @@ def main():
     model = MiniLLM(cfg).to(device).train()
     step_model = torch.compile(model) if (args.compile == 1 or (args.compile == -1 and cuda)) else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    amp = (torch.autocast("cuda", dtype=getattr(torch, args.dtype)) if cuda and args.dtype != "float32"
-           else torch.autocast("cpu", enabled=False))
+    amp_dtype = training_dtype(args.dtype, device)
     # the data: random rows staged in pinned host memory, copied asynchronously as the loader does
     host = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), pin_memory=cuda)
 
@@ -63,7 +62,7 @@ def main():
             batch = host.to(device, non_blocking=True)
             ids, labels = batch[:, :-1], batch[:, 1:]
             mark()
-            with amp:
+            with autocast_context(amp_dtype, device):
                 loss = step_model(ids, labels=labels).loss
             mark()
             (loss / args.accumulation_steps).backward()
@@ -99,7 +98,7 @@ def main():
     fpt = flops_per_token(cfg, args.seq_len)
     print(f"preset {args.preset} ({model.num_params() / 1e6:.1f}M), batch {args.batch_size} x seq {args.seq_len} "
           f"x accum {args.accumulation_steps}, device {torch.cuda.get_device_name(device) if cuda else 'cpu'}, "
-          f"dtype {args.dtype if cuda else 'float32'}, backend {args.backend}, "
+          f"dtype {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'float32'}, backend {args.backend}, "
           f"compile {step_model is not model}")
     print(f"tokens/s {tok_s:,.0f}")
     print(f"FLOPs/token {fpt / 1e6:.1f}M (6N + 12*L*H*Q*T)")

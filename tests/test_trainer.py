@@ -83,7 +83,9 @@ def _losses(stdout: str) -> list[float]:
 def test_two_process_torchrun_matches_one_process(corpus, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     common = [*TINY[:TINY.index("--batch_size")], *TINY[TINY.index("--batch_size") + 2:],
-              "--data_path", str(corpus), "--max_steps", "4", "--accumulation_steps", "2", "--device", "cpu"]
+              "--data_path", str(corpus), "--max_steps", "4", "--accumulation_steps", "2", "--device", "cpu",
+                  # fp32: bf16 autocast rounds each rank's partial weight gradient, which is not what this checks
+                  "--dtype", "float32"]
     one = subprocess.run([sys.executable, str(ROOT / "train_pretrain.py"), *common, "--batch_size", "4",
                           "--save_dir", str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -141,3 +143,37 @@ def test_bad_flags_give_one_clear_line(corpus, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train_pretrain.py"), "--preset", "nope"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr
+
+
+def test_precision_choice_per_device():
+    from minillm.trainer import cpu_has_bf16, training_dtype
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert training_dtype("bfloat16", gpu) is torch.bfloat16
+    assert training_dtype("float16", gpu) is torch.float16
+    assert training_dtype("float32", gpu) is None
+    assert training_dtype("float16", cpu) is None  # no fp16 matmul on CPUs: fp32
+    assert training_dtype("bfloat16", cpu) is (torch.bfloat16 if cpu_has_bf16() else None)
+    with pytest.raises(ValueError, match="--dtype 'bf16'"):
+        training_dtype("bf16", cpu)
+
+
+@pytest.mark.skipif(not __import__("minillm.trainer").trainer.cpu_has_bf16(), reason="this CPU has no native bf16")
+def test_cpu_training_runs_matmuls_in_bf16_and_the_loss_in_fp32(corpus, tmp_path, monkeypatch, capsys):
+    """Default --dtype bfloat16 on a bf16-capable CPU: projections run in bf16 inside the step, the
+    loss the trainer backpropagates is fp32, and --dtype float32 turns it off."""
+    seen = {}
+    original = MiniLLM.forward
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training and kwargs.get("labels") is not None:
+            seen["loss"] = out.loss.dtype
+            seen["proj"] = self.lm_head(torch.zeros(1, self.config.hidden_size)).dtype
+        return out
+    monkeypatch.setattr(MiniLLM, "forward", spy)
+    run_pretrain(corpus, tmp_path / "bf16", "--max_steps", "1")
+    assert seen == {"loss": torch.float32, "proj": torch.bfloat16}
+    assert "(bfloat16 autocast)" in capsys.readouterr().out
+    run_pretrain(corpus, tmp_path / "fp32", "--max_steps", "1", "--dtype", "float32")
+    assert seen == {"loss": torch.float32, "proj": torch.float32}
+    assert "(float32)" in capsys.readouterr().out
