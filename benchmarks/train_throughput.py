@@ -22,6 +22,22 @@ from minillm.model import MiniLLM  # noqa: E402
 from minillm.trainer import H100_BF16_FLOPS, autocast_context, flops_per_token, training_dtype  # noqa: E402
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """["use_moe=true", "num_hidden_layers=4"] -> typed ModelConfig overrides (yaml scalars)."""
+    import dataclasses
+
+    import yaml
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of ModelConfig's fields "
+                             f"({', '.join(sorted(fields))})")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="demo")
@@ -34,11 +50,13 @@ def main():
     p.add_argument("--dtype", default="bfloat16", help="autocast dtype, as the trainer's --dtype (float32 = off)")
     p.add_argument("--backend", default="auto", help="kernel backend: auto | triton | torch")
     p.add_argument("--compile", type=int, default=-1, help="torch.compile (-1 = on for CUDA)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a model config field, e.g. --set use_moe=true --set num_hidden_layers=4")
     args = p.parse_args()
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    cfg = ModelConfig.preset(args.preset, kernel_backend=args.backend)
+    cfg = ModelConfig.preset(args.preset, kernel_backend=args.backend, **parse_overrides(args.set))
     torch.manual_seed(0)
     model = MiniLLM(cfg).to(device).train()
     step_model = torch.compile(model) if (args.compile == 1 or (args.compile == -1 and cuda)) else model
@@ -96,7 +114,8 @@ def main():
     tokens = args.steps * args.accumulation_steps * args.batch_size * args.seq_len
     tok_s = tokens / elapsed
     fpt = flops_per_token(cfg, args.seq_len)
-    print(f"preset {args.preset} ({model.num_params() / 1e6:.1f}M), batch {args.batch_size} x seq {args.seq_len} "
+    extra = "".join(f" {item}" for item in args.set)
+    print(f"preset {args.preset}{extra} ({model.num_params() / 1e6:.1f}M), batch {args.batch_size} x seq {args.seq_len} "
           f"x accum {args.accumulation_steps}, device {torch.cuda.get_device_name(device) if cuda else 'cpu'}, "
           f"dtype {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'float32'}, backend {args.backend}, "
           f"compile {step_model is not model}")

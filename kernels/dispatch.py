@@ -20,7 +20,7 @@ def triton_available():
     return True
 
 
-def _use_triton(backend, tensor):
+def use_triton(backend, tensor):
     if backend == "torch":
         return False
     if backend == "triton":
@@ -39,7 +39,7 @@ def attention(q, k, v, causal=True, backend="auto"):
     The Triton kernel takes T == S (training, prefill) or non-causal calls, head dim <= 128;
     anything else (a causal decode step against a KV cache) goes to the reference.
     """
-    if _use_triton(backend, q):
+    if use_triton(backend, q):
         from kernels.attention import flash_attention, supported
         if torch.is_autocast_enabled(q.device.type):  # custom ops skip autocast; SDPA would cast
             dtype = torch.get_autocast_dtype(q.device.type)
@@ -51,7 +51,7 @@ def attention(q, k, v, causal=True, backend="auto"):
 
 def rms_norm(x, weight, eps=1e-6, backend="auto"):
     """weight * normalize(x) over the last dim; normalised in fp32, scaled in the input dtype."""
-    if _use_triton(backend, x):
+    if use_triton(backend, x):
         from kernels.rmsnorm import rms_norm as fused
         return fused(x, weight, eps)
     return ref.rms_norm_ref(x, weight, eps)
@@ -59,7 +59,7 @@ def rms_norm(x, weight, eps=1e-6, backend="auto"):
 
 def apply_rope(q, k, cos, sin, backend="auto"):
     """Rotate-half RoPE. q [B, H, T, D], k [B, Hkv, T, D], cos/sin [T, D] -> (q, k) rotated."""
-    if _use_triton(backend, q):
+    if use_triton(backend, q):
         from kernels.rope import apply_rope as fused
         return fused(q, k, cos, sin)
     return ref.apply_rope_ref(q, k, cos, sin)
@@ -67,7 +67,7 @@ def apply_rope(q, k, cos, sin, backend="auto"):
 
 def swiglu(gate, up, backend="auto"):
     """silu(gate) * up, elementwise."""
-    if _use_triton(backend, gate):
+    if use_triton(backend, gate):
         from kernels.swiglu import swiglu as fused
         return fused(gate, up)
     return ref.swiglu_ref(gate, up)
@@ -78,7 +78,19 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, backend="au
 
     The fused path chunks over tokens and never holds the full [N, V] logits.
     """
-    if _use_triton(backend, hidden):
+    if use_triton(backend, hidden):
         from kernels.cross_entropy import linear_cross_entropy as fused
         return fused(hidden, weight, targets, ignore_index)
     return ref.linear_cross_entropy_ref(hidden, weight, targets, ignore_index)
+
+
+def grouped_mm(x, w, counts, backend="auto"):
+    """Mixture-of-experts matmul: x [M, K] sorted by expert, w [E, K, N], counts [E] rows per
+    expert (a device tensor) -> [M, N]. The Triton kernel never reads the counts on the host."""
+    if use_triton(backend, x):
+        from kernels.moe import grouped_mm as fused
+        if torch.is_autocast_enabled(x.device.type):  # custom ops skip autocast; a matmul would cast
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dtype), w.to(dtype)
+        return fused(x, w, counts)
+    return ref.grouped_mm_ref(x, w, counts)

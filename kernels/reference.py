@@ -53,3 +53,10 @@ def linear_cross_entropy_ref(hidden, weight, targets, ignore_index=-100, reducti
         return loss
     n = (targets != ignore_index).sum().clamp(min=1)
     return loss / n
+
+
+def grouped_mm_ref(x, w, counts):
+    """x [M, K] sorted by expert, w [E, K, N], counts [E] -> [M, N], y[r] = x[r] @ w[expert of r].
+    One matmul per expert; reading the counts is a host sync."""
+    pieces = torch.split(x, counts.tolist())
+    return torch.cat([xe @ w[e] for e, xe in enumerate(pieces)]) if len(x) else x.new_empty(0, w.shape[2])

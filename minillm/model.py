@@ -129,14 +129,20 @@ class MLP(nn.Module):
 class MoE(nn.Module):
     """Top-k softmax router over routed experts, plus shared experts every token goes through.
 
-    Tokens are grouped per expert (sorted by expert id) so each expert runs once on exactly
-    the tokens routed to it. Splitting by counts needs the counts on the host: one sync per
-    MoE layer, the price of not computing every expert on every token.
+    The (token, expert) pairs are sorted by expert so each expert runs once on exactly the
+    tokens routed to it. Two ways to run the experts on those groups:
+    - Triton path (CUDA by default): one grouped matmul for every expert's gate+up projection
+      and one for the down projection (kernels/moe.py). The per-expert row counts never leave
+      the device: no host sync, and torch.compile keeps the layer in one graph.
+    - torch path (CPU, or kernel_backend="torch"): a loop over experts on their slices, which
+      needs the counts on the host: one sync per MoE layer.
+    Weights stay one MLP module per expert either way (MiniMind's / Qwen-MoE's names).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_experts, self.top_k, self.norm_topk = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.backend = cfg.kernel_backend
         self.gate = nn.Linear(cfg.hidden_size, self.n_experts, bias=False)
         self.experts = nn.ModuleList(
             MLP(cfg.hidden_size, cfg.moe_intermediate_size, cfg.kernel_backend) for _ in range(self.n_experts))
@@ -159,6 +165,15 @@ class MoE(nn.Module):
         frac_tokens = counts / ids.numel()
         return self.n_experts * (frac_tokens * probs.mean(0)).sum()
 
+    def grouped_experts(self, x_sorted, counts):
+        """Every routed expert's SwiGLU MLP on its rows of x_sorted [M, H] in two grouped matmuls."""
+        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
+        down = torch.stack([e.down_proj.weight for e in self.experts])  # [E, H, I]
+        h = dispatch.grouped_mm(x_sorted, gate_up.transpose(1, 2), counts, backend="triton")  # [M, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        h = dispatch.swiglu(gate, up, backend="triton")
+        return dispatch.grouped_mm(h, down.transpose(1, 2), counts, backend="triton")
+
     def forward(self, x):
         B, T, H = x.shape
         x_flat = x.reshape(-1, H)
@@ -167,15 +182,22 @@ class MoE(nn.Module):
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
         token_of_pair = order // self.top_k
-        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()  # the one host sync
-        out = torch.zeros_like(x_flat)
+        # rows per expert; a scatter, not bincount, so the shape [E] is static under torch.compile
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_ids, torch.ones_like(flat_ids))
         pair_weights = weights.flatten()[order].unsqueeze(-1).to(x.dtype)
-        start = 0
-        for expert, n in zip(self.experts, counts):
-            if n:
-                tokens = token_of_pair[start:start + n]
-                out.index_add_(0, tokens, expert(x_flat[tokens]) * pair_weights[start:start + n])
-            start += n
+        out = torch.zeros_like(x_flat)
+        if dispatch.use_triton(self.backend, x):
+            y = self.grouped_experts(x_flat[token_of_pair], counts)
+            out.index_add_(0, token_of_pair, (y * pair_weights).to(out.dtype))
+        else:
+            start = 0
+            for expert, n in zip(self.experts, counts.tolist()):  # the one host sync
+                if n:
+                    tokens = token_of_pair[start:start + n]
+                    y = expert(x_flat[tokens]) * pair_weights[start:start + n]
+                    out.index_add_(0, tokens, y.to(out.dtype))
+                start += n
         for shared in self.shared_experts:
             out = out + shared(x_flat)
         aux = self.aux_loss(ids, probs) if self.training else x.new_zeros((), dtype=torch.float32)

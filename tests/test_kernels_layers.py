@@ -199,3 +199,49 @@ def test_custom_op_registrations():
     torch.library.opcheck(linear_cross_entropy_fwd,
                           (randn(5, 16).requires_grad_(), randn(10, 16, seed=1).requires_grad_(), targets,
                            -100, True, True, 2))
+
+
+# ------------------------------------------------------------------ MoE grouped matmul
+def grouped_inputs(counts, K, N, dtype, transposed=False):
+    counts = torch.tensor(counts)
+    x = randn(int(counts.sum()), K, dtype=dtype)
+    w = randn(len(counts), N, K, dtype=dtype, seed=1).transpose(1, 2) if transposed else \
+        randn(len(counts), K, N, dtype=dtype, seed=1)
+    return x, w, counts
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("counts,K,N,transposed", [
+    ([5, 0, 33, 1], 40, 50, False),   # an empty expert, odd sizes, a group spanning several row tiles
+    ([0, 0, 17], 16, 8, True),        # experts with no rows first; w a transposed view (as the MoE passes it)
+    ([16, 16], 33, 65, False),        # groups that fill whole row tiles
+])
+def test_grouped_mm_matches_reference(counts, K, N, transposed, dtype):
+    from kernels.moe import grouped_mm
+    x, w, c = grouped_inputs(counts, K, N, dtype, transposed)
+    compare(lambda x, w: grouped_mm(x, w, c), lambda x, w: ref.grouped_mm_ref(x, w, c), [x, w], dtype)
+
+
+def test_grouped_mm_rows_go_to_their_own_expert():
+    """Each expert's weight is a distinct scaled identity, so any row sent to the wrong expert shows."""
+    from kernels.moe import grouped_mm
+    counts = torch.tensor([3, 0, 20, 2])
+    w = torch.stack([(e + 1) * torch.eye(8) for e in range(4)])
+    x = torch.ones(25, 8)
+    scale = torch.repeat_interleave(torch.tensor([1.0, 2, 3, 4]), counts)
+    torch.testing.assert_close(grouped_mm(x, w, counts), scale[:, None].expand(25, 8))
+
+
+def test_grouped_mm_bad_shapes_are_clear_errors():
+    from kernels.moe import grouped_mm
+    x, w, c = grouped_inputs([2, 3], 8, 4, torch.float32)
+    with pytest.raises(ValueError, match="counts"):
+        grouped_mm(x, w, torch.tensor([5]))
+    with pytest.raises(ValueError, match="float16"):
+        grouped_mm(x.half(), w, c)
+
+
+def test_grouped_mm_custom_op_registration():
+    from kernels.moe import grouped_mm_op
+    x, w, c = grouped_inputs([3, 0, 4], 16, 8, torch.float32)
+    torch.library.opcheck(grouped_mm_op, (x.requires_grad_(), w.requires_grad_(), c))
