@@ -428,6 +428,10 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
     args = parser.parse_args(argv)
     stage_args = {a.dest: getattr(args, a.dest) for a in parser._actions if a.dest not in common}
     init_from = getattr(args, "init_from", defaults.get("init_from", ""))
+    if init_from and not hasattr(args, "init_from") and hasattr(args, "save_dir"):  # flags absent unless given
+        # the stage default names the previous stage's folder under the default save dir: follow
+        # --save_dir, so `--save_dir runs/a` on every stage chains runs/a/pretrain -> runs/a/full_sft
+        init_from = args.init_from = str(Path(args.save_dir) / Path(init_from).name)
     if init_from:
         try:
             base_cfg, _ = load_config(init_from)

@@ -2,6 +2,7 @@
 import json
 import math
 
+import pytest
 import torch
 import yaml
 
@@ -125,3 +126,20 @@ def test_length_grouping_keeps_padding_low():
     real = sum(lengths[b].sum() for b in batches)
     total = sum(lengths[b].max() * len(b) for b in batches)
     assert 1 - real / total < 0.1  # random batches of this spread pad about half
+
+
+def test_stage_default_start_follows_save_dir(tmp_path, capsys):
+    """With no --init_from, SFT starts from <save_dir>/pretrain, so one --save_dir chains the stages;
+    a missing one is an error that names it."""
+    run = tmp_path / "runs" / "a"
+    tiny_checkpoint(run / "pretrain")
+    data = write_jsonl(tmp_path / "sft.jsonl", [CONVERSATION, SHORT] * 4)
+    flags = ["--data_path", str(data), "--batch_size", "4", "--max_steps", "1", "--num_workers", "0",
+             "--use_tensorboard", "0"]
+    train_full_sft.main(flags + ["--save_dir", str(run)])
+    assert f"from {run / 'pretrain'}" in capsys.readouterr().out
+    assert (run / "full_sft" / "config.yaml").exists()
+    empty = tmp_path / "runs" / "b"
+    with pytest.raises((FileNotFoundError, SystemExit)) as err:
+        train_full_sft.main(flags + ["--save_dir", str(empty)])
+    assert str(empty / "pretrain") in str(err.value) + capsys.readouterr().err
