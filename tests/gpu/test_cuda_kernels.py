@@ -148,6 +148,17 @@ def test_linear_cross_entropy_never_holds_the_logits():
     print(f"linear+CE extra peak: fused {fused / 2**20:.0f} MiB, eager {eager / 2**20:.0f} MiB")
 
 
+@pytest.mark.parametrize("dtype", LOWP)
+def test_grouped_mm(dtype):
+    from kernels.moe import grouped_mm
+    counts = torch.tensor([700, 0, 1500, 33, 2048, 1, 600, 1200], device=DEV)
+    M, K, N = int(counts.sum()), 640, 2 * 1728
+    x, w = randn(M, K, dtype=dtype), 0.05 * randn(8, N, K, dtype=dtype, seed=1)
+    w = w.transpose(1, 2)  # [E, K, N] as a transposed view, as the MoE layer passes it
+    as_accurate_as_torch(lambda x, w: grouped_mm(x, w, counts), lambda x, w: ref.grouped_mm_ref(x, w, counts),
+                         lambda x, w: ref.grouped_mm_ref(x, w, counts), [x, w], "grouped_mm")
+
+
 # ------------------------------------------------------------------ the model on both paths
 def minimind3(backend, layers=2):
     return ModelConfig.preset("minimind-3", kernel_backend=backend, num_hidden_layers=layers)
@@ -158,7 +169,7 @@ def loss_and_grads(model, ids, labels, dtype):
     with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
         loss = model(ids, labels=labels).loss
     loss.backward()
-    return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}
+    return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_model_triton_path_is_as_accurate_as_the_torch_path_in_bf16():
@@ -216,6 +227,25 @@ def test_dense_training_step_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.stack(losses).isfinite().all()
+
+
+def test_moe_training_step_has_no_host_sync_and_matches_the_loop():
+    torch.manual_seed(0)
+    cfg = dict(num_hidden_layers=2)
+    base = MiniLLM(ModelConfig.preset("minimind2-moe", kernel_backend="torch", **cfg)).to(DEV)
+    fast = MiniLLM(ModelConfig.preset("minimind2-moe", kernel_backend="triton", **cfg)).to(DEV)
+    fast.load_state_dict(base.state_dict())
+    ids = torch.randint(0, 6400, (4, 257), device=DEV)
+    want_loss, _ = loss_and_grads(base, ids[:, :-1], ids[:, 1:], None)
+    torch_loss, _ = loss_and_grads(base, ids[:, :-1], ids[:, 1:], torch.bfloat16)
+    ours_loss, _ = loss_and_grads(fast, ids[:, :-1], ids[:, 1:], torch.bfloat16)
+    assert abs(ours_loss - want_loss) <= 2 * abs(torch_loss - want_loss) + 2e-3 * want_loss
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss_and_grads(fast, ids[:, :-1], ids[:, 1:], torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_generation_on_the_triton_path_equals_the_torch_path():
