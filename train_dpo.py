@@ -11,7 +11,6 @@ copy of that checkpoint (default), the same weights with the LoRA adapter switch
 (--use_lora 1: no second copy), or nothing at all (--precompute_ref 1: its log-probs are
 computed once over the data before training and carried in every batch).
 """
-import contextlib
 import copy
 
 import torch
@@ -22,7 +21,8 @@ from minillm.dpo import (LOSS_TYPES, chosen_nll, pair_batch, preference_loss, pr
 from minillm.evaluation import read_heldout
 from minillm.lora import add_lora_flags, apply_lora_from_flags, load_lora, lora_disabled, save_lora
 from minillm.model import eval_mode
-from minillm.trainer import Trainer, build_on_main_first, main_guard, prepare_stage
+from minillm.trainer import (Trainer, autocast_context, build_on_main_first, main_guard, prepare_stage,
+                             training_dtype)
 
 STAGE_DEFAULTS = dict(
     init_from="out/full_sft", data_path="dataset/demo/dpo.jsonl", save_weight="dpo", epochs=2,
@@ -188,8 +188,7 @@ def main(argv=None):
         load_fn = lambda folder, m: load_lora(m, folder)  # resume: the adapter weights come back from the checkpoint
         reference = reference_fn(lora_model=model)
     elif args.precompute_ref:
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float16)
-                    if device.type == "cuda" and cfg.dtype != "float32" else contextlib.nullcontext())
+        autocast = autocast_context(training_dtype(cfg.dtype, device), device)  # as the trainer's steps
         ref_logps = precompute_reference(model, dataset, collate, 2 * cfg.batch_size, device, autocast)
         dataset, collate = WithReference(dataset, ref_logps), CollateWithReference(collate)
         if stage.dist.is_main:

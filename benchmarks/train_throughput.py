@@ -47,7 +47,7 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", help="autocast dtype, as the trainer's --dtype (float32 = off)")
+    p.add_argument("--dtype", default="auto", help="autocast dtype, as the trainer's --dtype (float32 = off)")
     p.add_argument("--backend", default="auto", help="kernel backend: auto | triton | torch")
     p.add_argument("--compile", type=int, default=-1, help="torch.compile (-1 = on for CUDA)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

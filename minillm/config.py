@@ -150,8 +150,8 @@ class TrainConfig:
     beta1: float = _help("AdamW beta1", default=0.9)
     beta2: float = _help("AdamW beta2", default=0.95)
     grad_clip: float = _help("clip the global gradient norm to this (0 = off)", default=1.0)
-    dtype: str = _help("autocast dtype: bfloat16 | float16 | float32 (CPU: bfloat16 where the CPU has "
-                             "native bf16, else float32)", default="bfloat16")
+    dtype: str = _help("autocast dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | "
+                             "float32; on CPU bfloat16 needs native bf16, else float32", default="auto")
     device: str = _help("cuda | cpu | cuda:N ('' = cuda if available)", default="")
     use_compile: int = _help("torch.compile the model (1/0; -1 = on for CUDA)", default=-1)
     num_workers: int = _help("data loader workers", default=1)

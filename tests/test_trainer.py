@@ -148,6 +148,8 @@ def test_bad_flags_give_one_clear_line(corpus, tmp_path):
 def test_precision_choice_per_device():
     from minillm.trainer import cpu_has_bf16, training_dtype
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert training_dtype("auto", gpu) is torch.bfloat16
+    assert training_dtype("auto", cpu) is None  # fp32 on CPU unless asked: see training_dtype's docstring
     assert training_dtype("bfloat16", gpu) is torch.bfloat16
     assert training_dtype("float16", gpu) is torch.float16
     assert training_dtype("float32", gpu) is None
@@ -159,8 +161,8 @@ def test_precision_choice_per_device():
 
 @pytest.mark.skipif(not __import__("minillm.trainer").trainer.cpu_has_bf16(), reason="this CPU has no native bf16")
 def test_cpu_training_runs_matmuls_in_bf16_and_the_loss_in_fp32(corpus, tmp_path, monkeypatch, capsys):
-    """Default --dtype bfloat16 on a bf16-capable CPU: projections run in bf16 inside the step, the
-    loss the trainer backpropagates is fp32, and --dtype float32 turns it off."""
+    """--dtype bfloat16 on a bf16-capable CPU: projections run in bf16 inside the step and the loss
+    the trainer backpropagates is fp32; the default (auto) is fp32 on CPU."""
     seen = {}
     original = MiniLLM.forward
 
@@ -171,9 +173,9 @@ def test_cpu_training_runs_matmuls_in_bf16_and_the_loss_in_fp32(corpus, tmp_path
             seen["proj"] = self.lm_head(torch.zeros(1, self.config.hidden_size)).dtype
         return out
     monkeypatch.setattr(MiniLLM, "forward", spy)
-    run_pretrain(corpus, tmp_path / "bf16", "--max_steps", "1")
+    run_pretrain(corpus, tmp_path / "bf16", "--max_steps", "1", "--dtype", "bfloat16")
     assert seen == {"loss": torch.float32, "proj": torch.bfloat16}
     assert "(bfloat16 autocast)" in capsys.readouterr().out
-    run_pretrain(corpus, tmp_path / "fp32", "--max_steps", "1", "--dtype", "float32")
+    run_pretrain(corpus, tmp_path / "default", "--max_steps", "1")
     assert seen == {"loss": torch.float32, "proj": torch.float32}
     assert "(float32)" in capsys.readouterr().out
