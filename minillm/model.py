@@ -136,7 +136,8 @@ class MoE(nn.Module):
       the device: no host sync, and torch.compile keeps the layer in one graph.
     - torch path (CPU, or kernel_backend="torch"): a loop over experts on their slices, which
       needs the counts on the host: one sync per MoE layer.
-    Weights stay one MLP module per expert either way (MiniMind's / Qwen-MoE's names).
+    Weights stay one MLP module per expert either way (MiniMind's / Qwen-MoE's names). Experts
+    with LoRA-wrapped projections always take the loop path, which calls the modules.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -165,6 +166,11 @@ class MoE(nn.Module):
         frac_tokens = counts / ids.numel()
         return self.n_experts * (frac_tokens * probs.mean(0)).sum()
 
+    def experts_are_plain_linears(self) -> bool:
+        """The grouped path reads the projection weights directly; wrapped projections (LoRA) run
+        through their modules on the loop path instead."""
+        return all(type(p) is nn.Linear for e in self.experts for p in (e.gate_proj, e.up_proj, e.down_proj))
+
     def grouped_experts(self, x_sorted, counts):
         """Every routed expert's SwiGLU MLP on its rows of x_sorted [M, H] in two grouped matmuls."""
         gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
@@ -187,7 +193,7 @@ class MoE(nn.Module):
             0, flat_ids, torch.ones_like(flat_ids))
         pair_weights = weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         out = torch.zeros_like(x_flat)
-        if dispatch.use_triton(self.backend, x):
+        if dispatch.use_triton(self.backend, x) and self.experts_are_plain_linears():
             y = self.grouped_experts(x_flat[token_of_pair], counts)
             out.index_add_(0, token_of_pair, (y * pair_weights).to(out.dtype))
         else:

@@ -90,3 +90,23 @@ def test_moe_triton_path_compiles_into_one_graph():
                                                       use_moe=True, n_routed_experts=4, num_experts_per_tok=2))
     with pytest.raises(Exception, match="(?i)graph break|tolist|data-dependent|Unsupported"):
         torch.compile(loop, backend="aot_eager", fullgraph=True)(input_ids, labels=input_ids)
+
+
+def test_moe_with_lora_on_the_experts_keeps_the_adapters_on_the_triton_path():
+    """LoRA wraps the expert projections; the grouped path would bypass the wrappers, so the layer
+    must run them (same logits as the torch path, and the adapters change the output)."""
+    from minillm.lora import apply_lora
+    torch.manual_seed(0)
+    cfg = dict(num_hidden_layers=1, use_moe=True, n_routed_experts=4, num_experts_per_tok=2)
+    models = [minillm.MiniLLM(minillm.ModelConfig.preset("debug", kernel_backend=b, **cfg)) for b in ("torch", "triton")]
+    models[1].load_state_dict(models[0].state_dict())
+    input_ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
+    plain = models[1](input_ids)
+    for m in models:
+        apply_lora(m, rank=4)
+    for name, p in models[0].named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.constant_(p, 0.05)  # a non-zero update
+    models[1].load_state_dict(models[0].state_dict())  # the same adapters in both
+    torch.testing.assert_close(models[1](input_ids), models[0](input_ids), atol=1e-5, rtol=1e-5)
+    assert (models[1](input_ids) - plain).abs().max() > 1e-3
