@@ -33,6 +33,15 @@ def use_triton(backend, tensor):
     return tensor.is_cuda and triton_available()
 
 
+def _autocast_inputs(*tensors):
+    """Custom ops skip autocast, so cast their inputs as the torch op (SDPA, a matmul) would."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def attention(q, k, v, causal=True, backend="auto"):
     """Scaled dot-product attention. q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D].
 
@@ -41,9 +50,7 @@ def attention(q, k, v, causal=True, backend="auto"):
     """
     if use_triton(backend, q):
         from kernels.attention import flash_attention, supported
-        if torch.is_autocast_enabled(q.device.type):  # custom ops skip autocast; SDPA would cast
-            dtype = torch.get_autocast_dtype(q.device.type)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        q, k, v = _autocast_inputs(q, k, v)
         if supported(q, k, v, causal):
             return flash_attention(q, k, v, causal=causal)
     return ref.attention_ref(q, k, v, causal=causal)
@@ -89,8 +96,6 @@ def grouped_mm(x, w, counts, backend="auto"):
     expert (a device tensor) -> [M, N]. The Triton kernel never reads the counts on the host."""
     if use_triton(backend, x):
         from kernels.moe import grouped_mm as fused
-        if torch.is_autocast_enabled(x.device.type):  # custom ops skip autocast; a matmul would cast
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, w = x.to(dtype), w.to(dtype)
+        x, w = _autocast_inputs(x, w)
         return fused(x, w, counts)
     return ref.grouped_mm_ref(x, w, counts)

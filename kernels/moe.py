@@ -166,7 +166,6 @@ def _(x, dy, counts, k, n):
 def _setup_context(ctx, inputs, output):
     x, w, counts = inputs
     ctx.save_for_backward(x, w, counts)
-    ctx.w_dtype = w.dtype
 
 
 def _backward(ctx, dy):
@@ -174,7 +173,7 @@ def _backward(ctx, dy):
     dx = grouped_mm_op(dy, w.transpose(1, 2), counts) if ctx.needs_input_grad[0] else None
     dw = None
     if ctx.needs_input_grad[1]:
-        dw = grouped_mm_wgrad(x, dy, counts, w.shape[1], w.shape[2]).to(ctx.w_dtype)
+        dw = grouped_mm_wgrad(x, dy, counts, w.shape[1], w.shape[2])  # x's dtype, which is w's
     return dx, dw, None
 
 

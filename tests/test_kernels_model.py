@@ -10,25 +10,32 @@ pytest.importorskip("triton")
 minillm = pytest.importorskip("minillm")
 
 
+def torch_and_triton(**overrides):
+    """The debug preset on the torch path and on the Triton path, with the same weights."""
+    ref_model = minillm.MiniLLM(minillm.ModelConfig.preset("debug", kernel_backend="torch", **overrides))
+    model = minillm.MiniLLM(minillm.ModelConfig.preset("debug", kernel_backend="triton", **overrides))
+    model.load_state_dict(ref_model.state_dict())
+    return ref_model, model
+
+
+def loss_and_grads(model, input_ids, labels):
+    out = model(input_ids, labels=labels)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("overrides", [{}, {"qk_norm": True, "num_key_value_heads": 1}])
 def test_triton_path_matches_torch_path(overrides):
     torch.manual_seed(0)
     cfg = dict(num_hidden_layers=1, **overrides)
-    ref_model = minillm.MiniLLM(minillm.ModelConfig.preset("debug", kernel_backend="torch", **cfg))
-    model = minillm.MiniLLM(minillm.ModelConfig.preset("debug", kernel_backend="triton", **cfg))
-    model.load_state_dict(ref_model.state_dict())
+    ref_model, model = torch_and_triton(**cfg)
 
     g = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, 512, (2, 13), generator=g)
     labels = torch.randint(0, 512, (2, 13), generator=g)
     labels[0, :4] = -100  # a masked prompt
 
-    losses, grads = [], []
-    for m in (ref_model, model):
-        out = m(input_ids, labels=labels)
-        out.loss.backward()
-        losses.append(out.loss.detach())
-        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    losses, grads = zip(*(loss_and_grads(m, input_ids, labels) for m in (ref_model, model)))
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, want in grads[0].items():
@@ -41,9 +48,7 @@ def test_moe_grouped_matmul_path_matches_the_expert_loop(monkeypatch):
     from minillm.model import MoE
     torch.manual_seed(0)
     cfg = dict(num_hidden_layers=2, use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
-    ref_model = minillm.MiniLLM(minillm.ModelConfig.preset("debug", kernel_backend="torch", **cfg))
-    model = minillm.MiniLLM(minillm.ModelConfig.preset("debug", kernel_backend="triton", **cfg))
-    model.load_state_dict(ref_model.state_dict())
+    ref_model, model = torch_and_triton(**cfg)
 
     route = MoE.route
 
@@ -57,12 +62,7 @@ def test_moe_grouped_matmul_path_matches_the_expert_loop(monkeypatch):
     monkeypatch.setattr(MoE, "route", route_never_to_expert_3)
 
     input_ids = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(1))
-    losses, grads = [], []
-    for m in (ref_model, model):
-        out = m(input_ids, labels=input_ids)
-        out.loss.backward()
-        losses.append(out.loss.detach())
-        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    losses, grads = zip(*(loss_and_grads(m, input_ids, input_ids) for m in (ref_model, model)))
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
     idle = {n for n in grads[1] if ".experts.3." in n}
     assert idle and not idle & grads[0].keys()  # the loop never ran expert 3
@@ -98,8 +98,7 @@ def test_moe_with_lora_on_the_experts_keeps_the_adapters_on_the_triton_path():
     from minillm.lora import apply_lora
     torch.manual_seed(0)
     cfg = dict(num_hidden_layers=1, use_moe=True, n_routed_experts=4, num_experts_per_tok=2)
-    models = [minillm.MiniLLM(minillm.ModelConfig.preset("debug", kernel_backend=b, **cfg)) for b in ("torch", "triton")]
-    models[1].load_state_dict(models[0].state_dict())
+    models = torch_and_triton(**cfg)
     input_ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
     plain = models[1](input_ids)
     for m in models:

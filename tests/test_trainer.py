@@ -13,7 +13,7 @@ import train_pretrain
 from minillm.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from minillm.config import ModelConfig
 from minillm.model import MiniLLM
-from minillm.trainer import Trainer, lr_at
+from minillm.trainer import Trainer, cpu_has_bf16, lr_at, training_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "debug", "--vocab_size", "6400", "--max_seq_len", "32", "--batch_size", "4",
@@ -146,7 +146,6 @@ def test_bad_flags_give_one_clear_line(corpus, tmp_path):
 
 
 def test_precision_choice_per_device():
-    from minillm.trainer import cpu_has_bf16, training_dtype
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert training_dtype("auto", gpu) is torch.bfloat16
     assert training_dtype("auto", cpu) is None  # fp32 on CPU unless asked: see training_dtype's docstring
@@ -159,7 +158,7 @@ def test_precision_choice_per_device():
         training_dtype("bf16", cpu)
 
 
-@pytest.mark.skipif(not __import__("minillm.trainer").trainer.cpu_has_bf16(), reason="this CPU has no native bf16")
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16")
 def test_cpu_training_runs_matmuls_in_bf16_and_the_loss_in_fp32(corpus, tmp_path, monkeypatch, capsys):
     """--dtype bfloat16 on a bf16-capable CPU: projections run in bf16 inside the step and the loss
     the trainer backpropagates is fp32; the default (auto) is fp32 on CPU."""
