@@ -171,7 +171,7 @@ def cases(dtype):
             swiglu.swiglu_bwd(g, g, g)
             B, T = 32, N // 32
             q, k = e(B, T, heads, head_dim).transpose(1, 2), e(B, T, kv_heads, head_dim).transpose(1, 2)
-            cos = e(T, head_dim, dt=torch.float32)
+            cos = e(1, T, head_dim, dt=torch.float32)  # [Bc, T, D], as apply_rope passes it
             rope.rope_fwd(q, k, cos, cos)
             rope.rope_bwd(q, k, cos, cos)
             cross_entropy.linear_cross_entropy_fwd(x, e(vocab, hidden), torch.zeros(N, dtype=torch.long),

@@ -30,42 +30,87 @@ LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------
-# configs: one small config under the interpreter; a few candidates on a GPU, autotuned on
-# first use per (head dim, causal, length bucket, dtype). Nothing runs at import.
+# configs: one small config under the interpreter; on a GPU a few candidates per head-dim
+# class, autotuned on first use per (head dim, causal, length bucket, dtype). Nothing runs
+# at import.
 # ----------------------------------------------------------------------------------------
 def _cfg(num_warps, num_stages, **blocks):
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
 if INTERPRET:
-    _FWD_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=16)]
-    _DKDV_CONFIGS = [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32)]
-    _DQ_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=16)]
+    _FWD = {"small": [_cfg(4, 1, BLOCK_M=32, BLOCK_N=16)]}
+    _DKDV = {"small": [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32)]}
+    _DQ = {"small": [_cfg(4, 1, BLOCK_M=32, BLOCK_N=16)]}
 else:
-    # Invariant the causal loop split relies on: the outer block is a multiple of the inner.
-    _FWD_CONFIGS = [
-        _cfg(4, 3, BLOCK_M=128, BLOCK_N=64),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128),
-        _cfg(4, 4, BLOCK_M=128, BLOCK_N=32),
-        _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
-    ]
-    _DKDV_CONFIGS = [
-        _cfg(4, 3, BLOCK_M=32, BLOCK_N=128),
-        _cfg(8, 3, BLOCK_M=32, BLOCK_N=128),
-        _cfg(4, 3, BLOCK_M=32, BLOCK_N=64),
-        _cfg(8, 3, BLOCK_M=32, BLOCK_N=64),  # the one that does not spill at head dim 128 (ptxas, sm_90a)
-        _cfg(8, 2, BLOCK_M=64, BLOCK_N=128),
-        _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
-    ]
-    _DQ_CONFIGS = [
-        _cfg(4, 3, BLOCK_M=128, BLOCK_N=32),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
-        _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
-        _cfg(4, 4, BLOCK_M=64, BLOCK_N=32),
-    ]
+    # Candidates per head dim: "small" for head dims <= 64, "large" for 96 and 128 (padded to
+    # 128). Every one compiles for sm_90a without spilling registers, uses wgmma and fits in
+    # shared memory: `python -m benchmarks.sm90_report --only attn` checks it (Triton 3.9's
+    # ptxas; a 4-warp dK/dV program at head dim 128 spilled up to 3 KB per thread). Invariant
+    # the causal loop split relies on: the outer block is a multiple of the inner one.
+    _FWD = {
+        "small": [_cfg(4, 3, BLOCK_M=128, BLOCK_N=64), _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
+                  _cfg(8, 3, BLOCK_M=128, BLOCK_N=128), _cfg(4, 4, BLOCK_M=128, BLOCK_N=32),
+                  _cfg(4, 3, BLOCK_M=64, BLOCK_N=64)],
+        "large": [_cfg(8, 3, BLOCK_M=128, BLOCK_N=64), _cfg(8, 2, BLOCK_M=128, BLOCK_N=64),
+                  _cfg(8, 2, BLOCK_M=128, BLOCK_N=128), _cfg(8, 4, BLOCK_M=128, BLOCK_N=32),
+                  _cfg(4, 3, BLOCK_M=64, BLOCK_N=64)],
+    }
+    _DKDV = {
+        "small": [_cfg(8, 3, BLOCK_M=32, BLOCK_N=128), _cfg(8, 2, BLOCK_M=64, BLOCK_N=128),
+                  _cfg(8, 3, BLOCK_M=16, BLOCK_N=128), _cfg(4, 3, BLOCK_M=32, BLOCK_N=64),
+                  _cfg(8, 3, BLOCK_M=32, BLOCK_N=64)],
+        "large": [_cfg(8, 2, BLOCK_M=32, BLOCK_N=128), _cfg(8, 3, BLOCK_M=16, BLOCK_N=128),
+                  _cfg(8, 2, BLOCK_M=16, BLOCK_N=64), _cfg(8, 3, BLOCK_M=16, BLOCK_N=64)],
+    }
+    _DQ = {
+        "small": [_cfg(4, 3, BLOCK_M=128, BLOCK_N=32), _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
+                  _cfg(4, 3, BLOCK_M=64, BLOCK_N=64), _cfg(4, 4, BLOCK_M=64, BLOCK_N=32)],
+        "large": [_cfg(8, 3, BLOCK_M=128, BLOCK_N=32), _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
+                  _cfg(4, 3, BLOCK_M=64, BLOCK_N=64), _cfg(4, 4, BLOCK_M=64, BLOCK_N=32),
+                  _cfg(8, 3, BLOCK_M=128, BLOCK_N=16)],
+    }
+
+
+def _configs_for(table):
+    """All candidates (what autotune is given) and a pruner keeping the head dim's class."""
+    def prune(configs, named_args, **kwargs):
+        return table.get("small" if kwargs["BLOCK_D"] <= 64 else "large", table["small"])
+    union = list({str(c): c for group in table.values() for c in group}.values())
+    return dict(configs=union, prune_configs_by={"early_config_prune": prune})
+
 
 _KEY = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET"]
+
+
+# ----------------------------------------------------------------------------------------
+# tiles: [rows, BLOCK_D] loads and stores, masked only where they can run off the tensor
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _tile_mask(offs_r, n_rows, offs_d, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    mask = offs_d[None, :] < HEAD_DIM
+    if CHECK_ROWS:
+        mask = (offs_r[:, None] < n_rows) & mask
+    return mask
+
+
+@triton.jit
+def _load_tile(base, stride, offs_r, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """A [rows, BLOCK_D] tile, unmasked when it cannot run off the tensor (rows within n_rows
+    and head dim 64 or 128): no predicates, fewer registers, plain 16-byte copies."""
+    ptrs = base + offs_r[:, None] * stride + offs_d[None, :]
+    if CHECK_ROWS or HEAD_DIM != BLOCK_D:
+        tile = tl.load(ptrs, mask=_tile_mask(offs_r, n_rows, offs_d, HEAD_DIM, CHECK_ROWS), other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _store_tile(base, stride, offs_r, n_rows, offs_d, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    tl.store(base + offs_r[:, None] * stride + offs_d[None, :], value.to(base.dtype.element_ty),
+             mask=_tile_mask(offs_r, n_rows, offs_d, HEAD_DIM, True))
 
 
 # ----------------------------------------------------------------------------------------
@@ -74,15 +119,11 @@ _KEY = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET"]
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
                lo, hi, S, qk_scale,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
                CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = d_ok
-        if MASK:
-            kv_mask = d_ok & (offs_n[:, None] < S)
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_tile(k_base, stride_kt, offs_n, S, offs_d, HEAD_DIM, BLOCK_D, MASK)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASK:
             valid = offs_n[None, :] < S
@@ -93,13 +134,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = _load_tile(v_base, stride_vt, offs_n, S, offs_d, HEAD_DIM, BLOCK_D, MASK)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
+@triton.autotune(key=_KEY, **_configs_for(_FWD))
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, qk_scale,
               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -117,11 +158,7 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < HEAD_DIM
-    row_ok = offs_m[:, None] < T
-
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=row_ok & d_ok, other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qt, offs_m, T, offs_d, HEAD_DIM, BLOCK_D, True)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
 
@@ -131,21 +168,20 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
     if CAUSAL:  # (T == S) keys left of the diagonal block need no mask
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                    offs_m, offs_d, 0, start_m, S, qk_scale,
-                                   BLOCK_N, HEAD_DIM, False, CAUSAL, PRECISION)
+                                   BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, PRECISION)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                    offs_m, offs_d, start_m, tl.minimum(start_m + BLOCK_M, S), S,
-                                   qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL, PRECISION)
+                                   qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, PRECISION)
     else:
         s_full = (S // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                    offs_m, offs_d, 0, s_full, S, qk_scale,
-                                   BLOCK_N, HEAD_DIM, False, CAUSAL, PRECISION)
+                                   BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, PRECISION)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                    offs_m, offs_d, s_full, S, S, qk_scale,
-                                   BLOCK_N, HEAD_DIM, True, CAUSAL, PRECISION)
+                                   BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, PRECISION)
     acc = acc / l_i[:, None]
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=row_ok & d_ok)
+    _store_tile(O + b * stride_ob + h * stride_oh, stride_ot, offs_m, T, offs_d, acc, HEAD_DIM, BLOCK_D)
     tl.store(LSE + pid_bh * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
 
@@ -160,33 +196,29 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, st
     h = pid_bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+    o = _load_tile(O + b * stride_ob + h * stride_oh, stride_ot, offs_m, T, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + b * stride_db + h * stride_dh, stride_dt, offs_m, T, offs_d, HEAD_DIM, BLOCK_D, True)
+    tl.store(DELTA + pid_bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < T)
 
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                     offs_n, offs_d, lo, hi, T, qk_scale,
-                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    d_ok = offs_d[None, :] < HEAD_DIM
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    CHECK_ROWS: tl.constexpr, DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < T
-        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :],
-                     mask=row_ok[:, None] & d_ok, other=0.0)
-        # rows past T get lse = +inf, so their probabilities are exactly 0
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        q = _load_tile(q_base, stride_qt, offs_m, T, offs_d, HEAD_DIM, BLOCK_D, CHECK_ROWS)
+        do = _load_tile(do_base, stride_dot, offs_m, T, offs_d, HEAD_DIM, BLOCK_D, CHECK_ROWS)
+        if CHECK_ROWS:  # rows past T get lse = +inf, so their probabilities are exactly 0
+            lse = tl.load(lse_base + offs_m, mask=offs_m < T, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
+        else:
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-        if MASK:
+        if DIAGONAL:
             pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -195,7 +227,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
+@triton.autotune(key=_KEY, **_configs_for(_DKDV))
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, qk_scale,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -211,11 +243,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, qk_scale,
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k = _load_tile(K + b * stride_kb + hkv * stride_kh, stride_kt, offs_n, S, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V + b * stride_vb + hkv * stride_vh, stride_vt, offs_n, S, offs_d, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # every query head of this K/V head's group adds into the same dK/dV registers
@@ -225,39 +254,34 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, qk_scale,
         do_base = DO + b * stride_dob + h * stride_doh
         lse_base = LSE + (b * H + h) * T
         delta_base = DELTA + (b * H + h) * T
-        if CAUSAL:  # (T == S) the diagonal rows need the mask, the rows below it do not
+        # one loop per kind of block, each extra loop costs registers (ptxas, sm_90a): the
+        # diagonal block needs the causal mask, the blocks below it (or all, non-causal) only
+        # the row check of the last block
+        if CAUSAL:  # (T == S)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                      stride_qt, stride_dot, offs_n, offs_d,
                                      start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale,
-                                     BLOCK_M, HEAD_DIM, True, PRECISION)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                     stride_qt, stride_dot, offs_n, offs_d,
-                                     start_n + BLOCK_N, T, T, qk_scale,
-                                     BLOCK_M, HEAD_DIM, False, PRECISION)
+                                     BLOCK_M, HEAD_DIM, BLOCK_D, True, True, PRECISION)
+            lo = start_n + BLOCK_N
         else:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                     stride_qt, stride_dot, offs_n, offs_d, 0, T, T, qk_scale,
-                                     BLOCK_M, HEAD_DIM, False, PRECISION)
+            lo = 0
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 stride_qt, stride_dot, offs_n, offs_d, lo, T, T, qk_scale,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, False, PRECISION)
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_tile(DK + b * stride_dkb + hkv * stride_dkh, stride_dkt, offs_n, S, offs_d, dk, HEAD_DIM, BLOCK_D)
+    _store_tile(DV + b * stride_dvb + hkv * stride_dvh, stride_dvt, offs_n, S, offs_d, dv, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
                   lo, hi, S, qk_scale,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
                   CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = d_ok
-        if MASK:
-            kv_mask = d_ok & (offs_n[:, None] < S)
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_tile(k_base, stride_kt, offs_n, S, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        v = _load_tile(v_base, stride_vt, offs_n, S, offs_d, HEAD_DIM, BLOCK_D, MASK)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASK:
@@ -271,7 +295,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, o
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
+@triton.autotune(key=_KEY, **_configs_for(_DQ))
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale,
                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -291,11 +315,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
-    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=mask, other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qt, offs_m, T, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, stride_dot, offs_m, T, offs_d, HEAD_DIM, BLOCK_D, True)
     lse = tl.load(LSE + pid_bh * T + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * T + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + hkv * stride_kh
@@ -303,19 +324,18 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if CAUSAL:
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                           0, start_m, S, qk_scale, BLOCK_N, HEAD_DIM, False, CAUSAL, PRECISION)
+                           0, start_m, S, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, PRECISION)
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
                            start_m, tl.minimum(start_m + BLOCK_M, S), S, qk_scale,
-                           BLOCK_N, HEAD_DIM, True, CAUSAL, PRECISION)
+                           BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, PRECISION)
     else:
         s_full = (S // BLOCK_N) * BLOCK_N
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                           0, s_full, S, qk_scale, BLOCK_N, HEAD_DIM, False, CAUSAL, PRECISION)
+                           0, s_full, S, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, PRECISION)
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                           s_full, S, S, qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL, PRECISION)
+                           s_full, S, S, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, PRECISION)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=mask)
+    _store_tile(DQ + b * stride_dqb + h * stride_dqh, stride_dqt, offs_m, T, offs_d, dq, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------

@@ -56,14 +56,17 @@ def check_against_reference(q, k, v, causal):
     (4, 4, 33, 96, torch.float16),
     (4, 2, 40, 128, torch.float16),
     (2, 2, 40, 128, torch.float32),
+    (2, 1, 70, 64, torch.float16),    # several unmasked key/query blocks, then a ragged tail
+    (2, 2, 64, 128, torch.float32),   # a multiple of every block: no tile is masked at all
 ])
 def test_causal_matches_reference(H, Hkv, T, D, dtype):
     check_against_reference(*make_qkv(1, H, Hkv, T, T, D, dtype), causal=True)
 
 
-@pytest.mark.parametrize("T,S,dtype", [(17, 23, torch.float32), (33, 9, torch.float16)])
-def test_non_causal_matches_reference(T, S, dtype):
-    check_against_reference(*make_qkv(1, 4, 2, T, S, 64, dtype), causal=False)
+@pytest.mark.parametrize("T,S,D,dtype", [(17, 23, 64, torch.float32), (33, 9, 64, torch.float16),
+                                         (48, 64, 128, torch.float32), (50, 37, 96, torch.float16)])
+def test_non_causal_matches_reference(T, S, D, dtype):
+    check_against_reference(*make_qkv(1, 4, 2, T, S, D, dtype), causal=False)
 
 
 def test_strided_views_from_transpose():
