@@ -34,6 +34,8 @@ check)
 throughput)
     TAIL=12
     step m3_default 120 $TP --preset minimind-3 --batch_size 32 --seq_len 340
+    step m3_cudagraphs 150 $TP --preset minimind-3 --batch_size 32 --seq_len 340 --compile_mode reduce-overhead
+    step m3_accum8 120 $TP --preset minimind-3 --batch_size 32 --seq_len 340 --accumulation_steps 8 --steps 5 --warmup 2
     step m3_eager 60 $TP --preset minimind-3 --batch_size 32 --seq_len 340 --compile 0
     step m3_torch_eager 60 $TP --preset minimind-3 --batch_size 32 --seq_len 340 --backend torch --compile 0
     step m3_torch_compiled 120 $TP --preset minimind-3 --batch_size 32 --seq_len 340 --backend torch --compile 1

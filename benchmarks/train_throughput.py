@@ -19,7 +19,8 @@ import torch  # noqa: E402
 
 from minillm.config import ModelConfig  # noqa: E402
 from minillm.model import MiniLLM  # noqa: E402
-from minillm.trainer import H100_BF16_FLOPS, autocast_context, flops_per_token, training_dtype  # noqa: E402
+from minillm.trainer import (COMPILE_MODES, H100_BF16_FLOPS, autocast_context, compile_mode,  # noqa: E402
+                             flops_per_token, training_dtype)
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -50,6 +51,7 @@ def main():
     p.add_argument("--dtype", default="auto", help="autocast dtype, as the trainer's --dtype (float32 = off)")
     p.add_argument("--backend", default="auto", help="kernel backend: auto | triton | torch")
     p.add_argument("--compile", type=int, default=-1, help="torch.compile (-1 = on for CUDA)")
+    p.add_argument("--compile_mode", default="default", help=f"torch.compile mode: {' | '.join(COMPILE_MODES)}")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model config field, e.g. --set use_moe=true --set num_hidden_layers=4")
     args = p.parse_args()
@@ -59,7 +61,9 @@ def main():
     cfg = ModelConfig.preset(args.preset, kernel_backend=args.backend, **parse_overrides(args.set))
     torch.manual_seed(0)
     model = MiniLLM(cfg).to(device).train()
-    step_model = torch.compile(model) if (args.compile == 1 or (args.compile == -1 and cuda)) else model
+    mode = compile_mode(args.compile_mode)
+    compile_on = args.compile == 1 or (args.compile == -1 and cuda)
+    step_model = torch.compile(model, mode=mode) if compile_on else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     amp_dtype = training_dtype(args.dtype, device)
     # the data: random rows staged in pinned host memory, copied asynchronously as the loader does
@@ -118,7 +122,7 @@ def main():
     print(f"preset {args.preset}{extra} ({model.num_params() / 1e6:.1f}M), batch {args.batch_size} x seq {args.seq_len} "
           f"x accum {args.accumulation_steps}, device {torch.cuda.get_device_name(device) if cuda else 'cpu'}, "
           f"dtype {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'float32'}, backend {args.backend}, "
-          f"compile {step_model is not model}")
+          f"compile {args.compile_mode if step_model is not model else 'off'}")
     print(f"tokens/s {tok_s:,.0f}")
     print(f"FLOPs/token {fpt / 1e6:.1f}M (6N + 12*L*H*Q*T)")
     if cuda:

@@ -154,6 +154,8 @@ class TrainConfig:
                              "float32; on CPU bfloat16 needs native bf16, else float32", default="auto")
     device: str = _help("cuda | cpu | cuda:N ('' = cuda if available)", default="")
     use_compile: int = _help("torch.compile the model (1/0; -1 = on for CUDA)", default=-1)
+    compile_mode: str = _help("torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | "
+                              "max-autotune-no-cudagraphs", default="default")
     num_workers: int = _help("data loader workers", default=1)
     log_interval: int = _help("log every N optimizer steps", default=10)
     save_interval: int = _help("save a resumable checkpoint every N optimizer steps (0 = only at the end)",

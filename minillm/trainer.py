@@ -56,6 +56,16 @@ def training_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return dtype
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(name: str) -> str:
+    """--compile_mode, checked even when compile is off, so a typo fails at start-up naming the flag."""
+    if name not in COMPILE_MODES:
+        raise ValueError(f"--compile_mode {name!r} is not a torch.compile mode; choose one of {', '.join(COMPILE_MODES)}")
+    return name
+
+
 def autocast_context(dtype: torch.dtype | None, device: torch.device):
     if dtype is None:
         return contextlib.nullcontext()
@@ -192,8 +202,9 @@ class Trainer:
         if dist_info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
             wrapped = DDP(self.model, device_ids=[self.device.index] if cuda else None)
+        mode = compile_mode(train_cfg.compile_mode)
         compile_on = train_cfg.use_compile == 1 or (train_cfg.use_compile == -1 and cuda)
-        self.step_model = torch.compile(wrapped) if compile_on else wrapped
+        self.step_model = torch.compile(wrapped, mode=mode) if compile_on else wrapped
         self.ddp_model = wrapped
 
         batch_sampler.set_epoch(0, 0)

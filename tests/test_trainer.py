@@ -143,6 +143,11 @@ def test_bad_flags_give_one_clear_line(corpus, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train_pretrain.py"), "--preset", "nope"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "train_pretrain.py"), *TINY, "--data_path", str(corpus),
+                        "--save_dir", str(tmp_path), "--compile_mode", "fast"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "--compile_mode 'fast'" in r.stderr and "reduce-overhead" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_precision_choice_per_device():
