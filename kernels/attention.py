@@ -98,7 +98,7 @@ def _tile_mask(offs_r, n_rows, offs_d, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.co
 def _load_tile(base, stride, offs_r, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                CHECK_ROWS: tl.constexpr):
     """A [rows, BLOCK_D] tile, unmasked when it cannot run off the tensor (rows within n_rows
-    and head dim 64 or 128): no predicates, fewer registers, plain 16-byte copies."""
+    and head dim 64 or 128): no predicate per element, fewer registers."""
     ptrs = base + offs_r[:, None] * stride + offs_d[None, :]
     if CHECK_ROWS or HEAD_DIM != BLOCK_D:
         tile = tl.load(ptrs, mask=_tile_mask(offs_r, n_rows, offs_d, HEAD_DIM, CHECK_ROWS), other=0.0)
