@@ -113,6 +113,18 @@ def _store_tile(base, stride, offs_r, n_rows, offs_d, value, HEAD_DIM: tl.conste
              mask=_tile_mask(offs_r, n_rows, offs_d, HEAD_DIM, True))
 
 
+@triton.jit
+def _query_block(H, GROUP, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """(batch·head index, batch, head, K/V head, first query row) of a query-block program (forward
+    and dQ). Causal grids run the heaviest (last) query blocks first: better tail balance."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1).to(tl.int64)
+    h = pid_bh % H
+    return pid_bh, pid_bh // H, h, h // GROUP, pid_m * BLOCK_M
+
+
 # ----------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------
@@ -148,14 +160,7 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
               H, T, S, GROUP, SEQ_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # heaviest (last) query blocks first: better tail balance
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    hkv = h // GROUP
-    start_m = pid_m * BLOCK_M
+    pid_bh, b, h, hkv, start_m = _query_block(H, GROUP, BLOCK_M, CAUSAL)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qt, offs_m, T, offs_d, HEAD_DIM, BLOCK_D, True)
@@ -304,14 +309,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale,
                  H, T, S, GROUP, SEQ_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    hkv = h // GROUP
-    start_m = pid_m * BLOCK_M
+    pid_bh, b, h, hkv, start_m = _query_block(H, GROUP, BLOCK_M, CAUSAL)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
