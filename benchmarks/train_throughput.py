@@ -17,26 +17,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from minillm.config import ModelConfig  # noqa: E402
+from minillm.config import ModelConfig, add_set_flag, parse_set  # noqa: E402
 from minillm.model import MiniLLM  # noqa: E402
 from minillm.trainer import (COMPILE_MODES, H100_BF16_FLOPS, autocast_context, compile_mode,  # noqa: E402
                              flops_per_token, training_dtype)
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """["use_moe=true", "num_hidden_layers=4"] -> typed ModelConfig overrides (yaml scalars)."""
-    import dataclasses
-
-    import yaml
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of ModelConfig's fields "
-                             f"({', '.join(sorted(fields))})")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def main():
@@ -52,13 +36,16 @@ def main():
     p.add_argument("--backend", default="auto", help="kernel backend: auto | triton | torch")
     p.add_argument("--compile", type=int, default=-1, help="torch.compile (-1 = on for CUDA)")
     p.add_argument("--compile_mode", default="default", help=f"torch.compile mode: {' | '.join(COMPILE_MODES)}")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a model config field, e.g. --set use_moe=true --set num_hidden_layers=4")
+    add_set_flag(p, flags=("kernel_backend",))  # typed and checked as the stage scripts' --set; --backend sets kernels
     args = p.parse_args()
+    args.set = getattr(args, "set", [])
+    overrides = parse_set(args.set)
+    if "kernel_backend" in overrides:
+        p.error("--set kernel_backend=...: use --backend")
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    cfg = ModelConfig.preset(args.preset, kernel_backend=args.backend, **parse_overrides(args.set))
+    cfg = ModelConfig.preset(args.preset, kernel_backend=args.backend, **overrides)
     torch.manual_seed(0)
     model = MiniLLM(cfg).to(device).train()
     mode = compile_mode(args.compile_mode)

@@ -88,8 +88,10 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**_known_fields(cls, d, "model"))
+    def from_dict(cls, d: dict, where: str = "model config") -> "ModelConfig":
+        """Build from a mapping (a yaml section, a checkpoint's config.yaml): values are converted to
+        the fields' types (coerce), and `where` names the source in any error."""
+        return cls(**_known_fields(cls, d, "model", where))
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count computed from the shape (equals the module's, tied embeddings once)."""
@@ -170,16 +172,115 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(**_known_fields(cls, d, "train"))
+    def from_dict(cls, d: dict, where: str = "train config") -> "TrainConfig":
+        return cls(**_known_fields(cls, d, "train", where))
 
 
-def _known_fields(cls, d: dict, section: str) -> dict:
+# -- typed values ---------------------------------------------------------------------------------
+# Every value that reaches a config (a yaml file, a checkpoint's config.yaml, a flag, `--set`, a
+# stage's defaults) goes through coerce(): yaml 1.1 reads `1e-6` as a string and the command line
+# gives only strings, so without it a bad type fails deep inside the model, far from its source.
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+_EXPECTED = {int: "an integer", float: "a number", bool: "a boolean (1/0, true/false, yes/no)", str: "a string"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _field_type(cls, name: str):
+    for f in fields(cls):
+        if f.name == name:
+            return f.type if isinstance(f.type, type) else _TYPES.get(str(f.type))
+    raise ValueError(_unknown_field_text(cls, name))
+
+
+def _other_config(cls):
+    return {ModelConfig: (TrainConfig, "train"), TrainConfig: (ModelConfig, "model")}.get(cls, (None, ""))
+
+
+def _unknown_field_text(cls, name, section: str | None = None) -> str:
+    import difflib
+    names = [f.name for f in fields(cls)]
+    text = f"unknown {section or cls.__name__} field {name!r}"
+    other, other_section = _other_config(cls)
+    other_names = [f.name for f in fields(other)] if other is not None else []
+    if name in other_names:
+        return f"{text} (it is a {other_section} field)"
+    close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
+    if close:
+        return f"{text} (did you mean {close[0]!r}?)"
+    close = difflib.get_close_matches(str(name), other_names, n=1, cutoff=0.6)
+    if close:
+        return f"{text} (did you mean the {other_section} field {close[0]!r}?)"
+    return f"{text}; known: {', '.join(names)}"
+
+
+def _convert(kind, value):
+    """`value` as `kind`, or ValueError/TypeError. Strings are parsed; 2.0 is an int, 2.5 is not."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError
+    if kind is int:
+        if isinstance(value, (bool, int)):  # a bool is 1/0, as the 1/0 switches (from_resume, ...) want
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                value = float(value.strip())  # "2.0", "1e3"
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError
+        if not isinstance(value, (str, int, float)):
+            raise ValueError
+        number = float(value.strip() if isinstance(value, str) else value)
+        if not math.isfinite(number):
+            raise ValueError
+        return number
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError
+    return value  # a field type this converter does not know: as given
+
+
+def coerce(cls, field_name: str, value, where: str):
+    """`value` converted to the type of `cls`'s field `field_name` (int, float, bool or str).
+
+    Accepts strings ("1e-6", "true", "no", "4"), ints for floats, integral floats for ints (2.0)
+    and 1/0 for bools; anything else raises ValueError naming `where` the value came from (a yaml
+    file and section, `--set`, a flag), the field, the value and the type expected.
+    """
+    kind = _field_type(cls, field_name)
+    try:
+        return _convert(kind, value)
+    except (TypeError, ValueError, OverflowError):
+        hint = ""
+        if isinstance(value, bool) and kind is str:
+            hint = " (yaml reads yes/no/on/off as booleans: quote it)"
+        elif value is None:
+            hint = " (an empty value in yaml is null: write '' or leave the field out)"
+        raise ValueError(f"{where}: {field_name} expects {_EXPECTED.get(kind, kind)}, got {value!r}{hint}") from None
+
+
+def _known_fields(cls, d, section: str, where: str | None = None) -> dict:
+    """`d` checked against `cls`'s fields (an unknown name suggests the closest) and coerced."""
+    where = where or f"{section} config"
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a mapping of {section} fields, got {type(d).__name__}")
     names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names)
+    unknown = [k for k in d if k not in names]
     if unknown:
-        raise ValueError(f"unknown {section} config field(s) {unknown}; known: {sorted(names)}")
-    return dict(d)
+        raise ValueError(f"{where}: " + "; ".join(_unknown_field_text(cls, k, f"{section} config") for k in unknown))
+    return {k: coerce(cls, k, v, where) for k, v in d.items()}
 
 
 def save_yaml(path, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, extra: dict | None = None):
@@ -205,66 +306,204 @@ def load_yaml(path) -> dict:
 
 
 # -- command line -------------------------------------------------------------------------------
-# Model fields that a stage script exposes as flags (MiniMind's names where it has them).
+# Model fields that a stage script exposes as flags (MiniMind's names where it has them); every
+# other ModelConfig field is reachable with `--set FIELD=VALUE`.
 MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "vocab_size", "use_moe", "kernel_backend", "rope_theta")
+# Model fields a fine-tuning stage may set differently from its checkpoint; any other is refused.
+FINE_TUNE_SETTABLE = ("kernel_backend",)
+
+# --help's groups, in order; the model group (preset, MODEL_FLAGS, --set) comes second, a stage's
+# own flags (stage_group) come last.
+TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
+    "data": ("data_path", "tokenizer_path", "max_seq_len", "num_workers", "skip_bad_lines"),
+    "optimisation": ("epochs", "max_steps", "batch_size", "accumulation_steps", "learning_rate", "min_lr_ratio",
+                     "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed"),
+    "hardware": ("device", "dtype", "use_compile", "compile_mode"),
+    "checkpointing": ("save_dir", "save_weight", "init_from", "save_interval", "from_resume"),
+    "logging": ("log_interval", "use_tensorboard"),
+}
+_METAVARS = {int: "INT", float: "FLOAT", bool: "BOOL", str: "TEXT"}
 
 
-def _add_dataclass_flags(parser, cls, defaults: dict, only=None):
-    for f in fields(cls):
-        if only is not None and f.name not in only:
-            continue
-        default = defaults.get(f.name, f.default)
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str,
-                                                          "bool": bool}[str(f.type)]
-        if kind is bool:
-            kind = _parse_bool
-        parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
-                            help=f"{f.metadata.get('help', '')} (default: {default})")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks (stage scripts pass their docstring) and ends each
+    option's help with its default, unless the help already says it (build_parser's flags do)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and action.default not in (argparse.SUPPRESS, None)
+                and "(default:" not in text and "%(default)" not in text):
+            text += " (default: %(default)s)"
+        return text
 
 
-def _parse_bool(text: str) -> bool:
-    low = str(text).lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 1/0 or true/false, got {text!r}")
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value == "":
+        return "''"
+    return str(value).replace("%", "%%")
 
 
-def build_parser(description: str, train_defaults: dict | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default="", help="yaml file with 'model' and/or 'train' sections")
-    parser.add_argument("--preset", default=argparse.SUPPRESS,
-                        help=f"model preset: {', '.join(PRESETS)} (default: demo, or the init checkpoint's)")
-    _add_dataclass_flags(parser, TrainConfig, train_defaults or {})
-    _add_dataclass_flags(parser, ModelConfig, {}, only=MODEL_FLAGS)
+def _flag_type(cls, name: str):
+    kind = _field_type(cls, name)
+
+    def parse(text):
+        try:
+            return _convert(kind, text)
+        except (TypeError, ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {_EXPECTED.get(kind, kind)}, got {text!r}") from None
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def _add_field_flag(group, cls, name: str, default_text: str):
+    f = next(f for f in fields(cls) if f.name == name)
+    group.add_argument(f"--{name}", type=_flag_type(cls, name), default=argparse.SUPPRESS,
+                       metavar=_METAVARS.get(_field_type(cls, name), "VALUE"),
+                       help=f"{f.metadata.get('help', '')} (default: {default_text})")
+
+
+def parse_set_item(item, where: str = "--set") -> tuple[str, Any]:
+    """"FIELD=VALUE" -> (FIELD, VALUE typed as ModelConfig's field); ValueError if malformed."""
+    key, sep, value = str(item).partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"{where} {item}: expected FIELD=VALUE with FIELD a model config field, "
+                         f"e.g. --set rms_norm_eps=1e-6")
+    if key not in {f.name for f in fields(ModelConfig)}:
+        if key in {f.name for f in fields(TrainConfig)}:
+            raise ValueError(f"{where} {item}: {key} is a train setting, not a model config field: "
+                             f"use --{key} {value}")
+        raise ValueError(f"{where} {item}: {_unknown_field_text(ModelConfig, key, 'model config')}")
+    return key, coerce(ModelConfig, key, value, f"{where} {item}")
+
+
+def parse_set(items, where: str = "--set") -> dict:
+    """["rms_norm_eps=1e-6", "qk_norm=true"] -> {"rms_norm_eps": 1e-06, "qk_norm": True}; the last
+    of repeated fields wins. Raises ValueError naming the item on a malformed one."""
+    return dict(parse_set_item(item, where) for item in items or ())
+
+
+def _set_arg(text: str) -> str:
+    try:
+        parse_set_item(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--set {text}: ")) from None
+    return text  # the namespace keeps the text; resolve() parses it
+
+
+def add_set_flag(group, default_text: str = "the preset's", flags: tuple[str, ...] = ()):
+    """`--set FIELD=VALUE`, repeatable, on a parser or group (build_parser's, train_throughput's);
+    the namespace holds the raw items (no attribute unless given), parse_set() types them.
+    `flags`: model fields the parser also has as named flags (left out of the help's list)."""
+    names = ", ".join(f.name for f in fields(ModelConfig) if f.name not in flags)
+    group.add_argument("--set", action="append", type=_set_arg, default=argparse.SUPPRESS, metavar="FIELD=VALUE",
+                       help=f"set any model config field, repeatable: --set rms_norm_eps=1e-6 --set qk_norm=true; "
+                            f"{'beyond the flags above' if flags else 'fields'}: {names} (default: {default_text})")
+
+
+def stage_group(parser: argparse.ArgumentParser, title: str = "stage", description: str | None = None):
+    """The argument group for a stage script's own flags, shown after the common groups in --help:
+    `g = stage_group(parser, "DPO"); g.add_argument("--beta", ...)`. Their help ends with their
+    default automatically."""
+    return parser.add_argument_group(title, description)
+
+
+def build_parser(description: str, train_defaults: dict | None = None, *,
+                 default_preset: str = "demo") -> argparse.ArgumentParser:
+    """The common flags of a stage script, grouped (data, model, optimisation, hardware,
+    checkpointing, logging); each help line ends with the default that applies for this stage:
+    `train_defaults` (the stage's), and for the model the `default_preset`'s values, or the
+    checkpoint's when the stage starts from one (a non-empty init_from default). No flag has a
+    namespace default (argparse.SUPPRESS), so resolve() can tell given from not."""
+    train_defaults = _known_fields(TrainConfig, dict(train_defaults or {}), "train", "the stage's defaults")
+    train_values = {**TrainConfig().to_dict(), **train_defaults}
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--config", default="", metavar="FILE.yaml",
+                        help="yaml file with 'preset', 'model' and/or 'train' sections; it overrides the stage's "
+                             "defaults and --preset, flags and --set override it (default: none)")
+    from_checkpoint = bool(train_defaults.get("init_from"))
+    model_about = ("from the --init_from checkpoint; only kernel_backend may differ from it" if from_checkpoint
+                   else "--preset, then --config's 'model' section, then these flags and --set")
+    groups = {"data": parser.add_argument_group("data"), "model": parser.add_argument_group("model", model_about)}
+    groups.update({title: parser.add_argument_group(title) for title in TRAIN_GROUPS if title not in groups})
+    placed = {name for names in TRAIN_GROUPS.values() for name in names}
+    other = tuple(f.name for f in fields(TrainConfig) if f.name not in placed)
+    if other:  # a new TrainConfig field not yet given a group
+        groups["other"] = parser.add_argument_group("other")
+    for title, names in (*TRAIN_GROUPS.items(), ("other", other)):
+        for name in names:
+            _add_field_flag(groups[title], TrainConfig, name, _show(train_values[name]))
+
+    model = groups["model"]
+    if from_checkpoint:
+        preset_text = set_text = "from the --init_from checkpoint"
+        model_texts = dict.fromkeys(MODEL_FLAGS, preset_text)
+    else:
+        preset_text, set_text = _check_preset(default_preset), f"the {_check_preset(default_preset)} preset's"
+        preset_values = ModelConfig.preset(default_preset).to_dict()
+        model_texts = {name: _show(preset_values[name]) for name in MODEL_FLAGS}
+    model.add_argument("--preset", default=argparse.SUPPRESS, metavar="NAME",
+                       help=f"model preset: {', '.join(PRESETS)}; refused when fine-tuning a checkpoint "
+                            f"(default: {preset_text})")
+    for name in MODEL_FLAGS:
+        _add_field_flag(model, ModelConfig, name, model_texts[name])
+    add_set_flag(model, set_text, MODEL_FLAGS)
     return parser
+
+
+def _section(doc: dict, name: str, path) -> dict:
+    section = doc.get(name)
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: '{name}' must be a mapping of field: value, got {type(section).__name__}")
+    return section
 
 
 def resolve(args: argparse.Namespace, train_defaults: dict | None = None,
             base_model: ModelConfig | None = None, default_preset: str = "demo"):
     """Merge defaults, preset, yaml and explicit flags into (ModelConfig, TrainConfig).
 
+    Order: the stage's defaults < `--preset` (or the yaml's `preset`) < `--config` sections <
+    flags and `--set FIELD=VALUE` items (args.set: a list of those strings). Every value is coerced
+    to its field's type, errors name their source.
     `base_model` (the config of a checkpoint being fine-tuned) replaces the preset as the base:
-    a fine-tuned model must keep its shape, so shape flags that disagree with it are an error.
+    a fine-tuned model must keep its shape, so model flags, --set items or a yaml 'model' section
+    that disagree with it are an error (except FINE_TUNE_SETTABLE fields), and so is --preset.
     """
     given = vars(args)
-    doc = load_yaml(given["config"]) if given.get("config") else {}
-    train_fields = {f.name for f in fields(TrainConfig)}
-    train = {**(train_defaults or {}), **doc.get("train", {}),
-             **{k: v for k, v in given.items() if k in train_fields}}
-    train_cfg = TrainConfig.from_dict(train)
+    path = given.get("config") or ""
+    doc = load_yaml(path) if path else {}
+    train = {**_known_fields(TrainConfig, dict(train_defaults or {}), "train", "the stage's defaults"),
+             **_known_fields(TrainConfig, _section(doc, "train", path), "train", f"{path} [train]")}
+    train_names = {f.name for f in fields(TrainConfig)}
+    train.update({k: coerce(TrainConfig, k, v, f"--{k}") for k, v in given.items() if k in train_names})
+    train_cfg = TrainConfig(**train)
 
-    model_over = {**doc.get("model", {}), **{k: v for k, v in given.items() if k in MODEL_FLAGS}}
+    model_over, source = {}, {}
+    for k, v in _known_fields(ModelConfig, _section(doc, "model", path), "model", f"{path} [model]").items():
+        model_over[k], source[k] = v, f"{path} [model]"
+    flags = {k: coerce(ModelConfig, k, given[k], f"--{k}") for k in MODEL_FLAGS if k in given}
+    sets = parse_set(given.get("set") or ())
+    clash = [k for k in flags.keys() & sets.keys() if flags[k] != sets[k]]
+    if clash:
+        raise ValueError("; ".join(f"--{k} {flags[k]!r} and --set {k}={sets[k]!r} disagree" for k in clash)
+                         + ": give one")
+    for k, v in {**flags, **sets}.items():
+        model_over[k], source[k] = v, (f"--{k}" if k in flags else f"--set {k}")
+
     if base_model is not None:
         base = base_model.to_dict()
-        shape_changes = {k: v for k, v in model_over.items()
-                         if k != "kernel_backend" and base.get(k) != v}
-        if shape_changes or "preset" in given:
+        changes = [f"{k} {base.get(k)!r} -> {v!r} ({source[k]})" for k, v in model_over.items()
+                   if k not in FINE_TUNE_SETTABLE and base.get(k) != v]
+        if "preset" in given:
+            changes.append(f"--preset {given['preset']}")
+        if changes:
             raise ValueError(f"cannot change the shape of the checkpoint being fine-tuned "
-                             f"({shape_changes or given.get('preset')}); drop those flags")
+                             f"({'; '.join(changes)}); drop those flags")
         model_cfg = ModelConfig.from_dict({**base, **model_over})
     else:
         preset = given.get("preset") or doc.get("preset") or default_preset
@@ -272,7 +511,7 @@ def resolve(args: argparse.Namespace, train_defaults: dict | None = None,
     return model_cfg, train_cfg
 
 
-def _check_preset(name: str) -> str:
-    if name.lower() not in PRESETS:
+def _check_preset(name) -> str:
+    if str(name).lower() not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return name.lower()
+    return str(name).lower()
