@@ -9,7 +9,11 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["minillm", "minillm.*", "kernels", "kernels.*"]),
+    # The top-level folder kernels/ installs as minillm.kernels, never as a top-level `kernels`
+    # (a different PyPI package, which transformers uses). minillm/__init__.py maps it the same
+    # way when minillm runs from a source checkout that was not installed.
+    packages=find_packages(include=["minillm", "minillm.*"]) + ["minillm.kernels"],
+    package_dir={"minillm.kernels": "kernels"},
     package_data={"minillm": ["assets/*.model"]},
     install_requires=[
         "torch>=2.4",

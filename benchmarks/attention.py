@@ -83,7 +83,7 @@ def main():
 
     from torch.nn.attention import SDPBackend
 
-    from kernels.attention import flash_attention
+    from minillm.kernels.attention import flash_attention
 
     def ours(q, k, v):
         return flash_attention(q, k, v, causal=True)

@@ -12,8 +12,9 @@ import os
 import sys
 
 if not __package__:
-    # Run as `python benchmarks/kernels.py`, this file's folder comes first on sys.path and this
-    # file would shadow the `kernels` package it benchmarks.
+    # Run as `python benchmarks/kernels.py`, this file's folder comes first on sys.path, where this
+    # file would shadow the PyPI package `kernels` for any library that imports it (ours is
+    # minillm.kernels, which it cannot shadow).
     sys.path.remove(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
@@ -23,11 +24,11 @@ HIDDEN, INTER, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 768, 2432, 6400, 8, 4, 96
 
 def cases(T, device="cuda", dtype=torch.bfloat16):
     """name -> (reference fn, fused fn, make_inputs); inputs needing grads are leaves."""
-    from kernels import reference as ref
-    from kernels.cross_entropy import linear_cross_entropy
-    from kernels.rmsnorm import rms_norm
-    from kernels.rope import apply_rope
-    from kernels.swiglu import swiglu
+    from minillm.kernels import reference as ref
+    from minillm.kernels.cross_entropy import linear_cross_entropy
+    from minillm.kernels.rmsnorm import rms_norm
+    from minillm.kernels.rope import apply_rope
+    from minillm.kernels.swiglu import swiglu
 
     g = torch.Generator(device=device).manual_seed(0)
 

@@ -146,7 +146,7 @@ class Recorder:
 
 def cases(dtype):
     """(name, thunk) pairs; each thunk calls the real launchers at a model's shapes."""
-    from kernels import attention, cross_entropy, moe, rmsnorm, rope, swiglu
+    from minillm.kernels import attention, cross_entropy, moe, rmsnorm, rope, swiglu
 
     def e(*shape, dt=dtype):
         return torch.empty(*shape, dtype=dt)

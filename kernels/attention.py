@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.utils import INTERPRET, device_guard, dot_precision, next_pow2
+from .utils import INTERPRET, device_guard, dot_precision, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -439,7 +439,7 @@ def flash_attention(q, k, v, causal=True, sm_scale=None):
     """q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D]; causal needs T == S (see `supported`)."""
     if not supported(q, k, v, causal):
         raise ValueError(f"flash_attention does not take q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} "
-                         f"{k.dtype}, v {tuple(v.shape)}, causal={causal}: use kernels.dispatch.attention, "
+                         f"{k.dtype}, v {tuple(v.shape)}, causal={causal}: use {__package__}.dispatch.attention, "
                          f"which falls back to the reference")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.utils import INTERPRET, device_guard, next_pow2
+from .utils import INTERPRET, device_guard, next_pow2
 
 # Peak memory of one chunk's logits; bigger chunks mean fewer, larger matmuls.
 MAX_CHUNK_LOGITS_BYTES = 128 * 2**20

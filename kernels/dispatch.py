@@ -2,13 +2,13 @@
 
 `backend` is "auto" (Triton when the tensor is on CUDA and Triton imports), "triton" or
 "torch". The Triton kernels live beside this file and are imported lazily, so importing
-`kernels` on a CPU-only machine compiles and autotunes nothing.
+this package on a CPU-only machine compiles and autotunes nothing.
 """
 import functools
 
 import torch
 
-from kernels import reference as ref
+from . import reference as ref
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,7 +49,7 @@ def attention(q, k, v, causal=True, backend="auto"):
     anything else (a causal decode step against a KV cache) goes to the reference.
     """
     if use_triton(backend, q):
-        from kernels.attention import flash_attention, supported
+        from .attention import flash_attention, supported
         q, k, v = _autocast_inputs(q, k, v)
         if supported(q, k, v, causal):
             return flash_attention(q, k, v, causal=causal)
@@ -59,7 +59,7 @@ def attention(q, k, v, causal=True, backend="auto"):
 def rms_norm(x, weight, eps=1e-6, backend="auto"):
     """weight * normalize(x) over the last dim; normalised in fp32, scaled in the input dtype."""
     if use_triton(backend, x):
-        from kernels.rmsnorm import rms_norm as fused
+        from .rmsnorm import rms_norm as fused
         return fused(x, weight, eps)
     return ref.rms_norm_ref(x, weight, eps)
 
@@ -67,7 +67,7 @@ def rms_norm(x, weight, eps=1e-6, backend="auto"):
 def apply_rope(q, k, cos, sin, backend="auto"):
     """Rotate-half RoPE. q [B, H, T, D], k [B, Hkv, T, D], cos/sin [T, D] -> (q, k) rotated."""
     if use_triton(backend, q):
-        from kernels.rope import apply_rope as fused
+        from .rope import apply_rope as fused
         return fused(q, k, cos, sin)
     return ref.apply_rope_ref(q, k, cos, sin)
 
@@ -75,7 +75,7 @@ def apply_rope(q, k, cos, sin, backend="auto"):
 def swiglu(gate, up, backend="auto"):
     """silu(gate) * up, elementwise."""
     if use_triton(backend, gate):
-        from kernels.swiglu import swiglu as fused
+        from .swiglu import swiglu as fused
         return fused(gate, up)
     return ref.swiglu_ref(gate, up)
 
@@ -86,7 +86,7 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, backend="au
     The fused path chunks over tokens and never holds the full [N, V] logits.
     """
     if use_triton(backend, hidden):
-        from kernels.cross_entropy import linear_cross_entropy as fused
+        from .cross_entropy import linear_cross_entropy as fused
         return fused(hidden, weight, targets, ignore_index)
     return ref.linear_cross_entropy_ref(hidden, weight, targets, ignore_index)
 
@@ -95,7 +95,7 @@ def grouped_mm(x, w, counts, backend="auto"):
     """Mixture-of-experts matmul: x [M, K] sorted by expert, w [E, K, N], counts [E] rows per
     expert (a device tensor) -> [M, N]. The Triton kernel never reads the counts on the host."""
     if use_triton(backend, x):
-        from kernels.moe import grouped_mm as fused
+        from .moe import grouped_mm as fused
         x, w = _autocast_inputs(x, w)
         return fused(x, w, counts)
     return ref.grouped_mm_ref(x, w, counts)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.utils import INTERPRET, device_guard, dot_precision
+from .utils import INTERPRET, device_guard, dot_precision
 
 # The row tile is fixed (the device-side tile table depends on it); the rest is autotuned on a GPU.
 BLOCK_M = 16 if INTERPRET else 64

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.utils import device_guard, next_pow2, num_programs_for
+from .utils import device_guard, next_pow2, num_programs_for
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.utils import device_guard, next_pow2
+from .utils import device_guard, next_pow2
 
 
 @triton.jit

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.utils import INTERPRET, device_guard
+from .utils import INTERPRET, device_guard
 
 BLOCK = 128 if INTERPRET else 1024
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import dispatch
-from kernels.reference import attention_ref
 from minillm.config import ModelConfig
+from minillm.kernels import dispatch
+from minillm.kernels.reference import attention_ref
 
 
 @contextlib.contextmanager

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = r"""
 import json
-import kernels.attention as A
-import kernels.moe as M
+import minillm.kernels.attention as A
+import minillm.kernels.moe as M
 
 def rows(tuner, **launch):
     picked = tuner.early_config_prune(tuner.configs, {}, **launch) if tuner.early_config_prune else tuner.configs

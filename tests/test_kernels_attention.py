@@ -6,11 +6,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels import dispatch  # noqa: E402
-from kernels.reference import attention_ref  # noqa: E402
+from minillm.kernels import dispatch  # noqa: E402
+from minillm.kernels.reference import attention_ref  # noqa: E402
 
 pytest.importorskip("triton")
-from kernels.attention import flash_attention, flash_attn_fwd  # noqa: E402
+from minillm.kernels.attention import flash_attention, flash_attn_fwd  # noqa: E402
 
 # max |ours - fp32 reference| <= ATOL + RTOL * max |reference|   (see kernels/README.md)
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 1e-2)}

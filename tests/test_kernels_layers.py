@@ -7,14 +7,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels import dispatch  # noqa: E402
-from kernels import reference as ref  # noqa: E402
+from minillm.kernels import dispatch  # noqa: E402
+from minillm.kernels import reference as ref  # noqa: E402
 
 pytest.importorskip("triton")
-from kernels.cross_entropy import linear_cross_entropy  # noqa: E402
-from kernels.rmsnorm import rms_norm  # noqa: E402
-from kernels.rope import apply_rope  # noqa: E402
-from kernels.swiglu import swiglu  # noqa: E402
+from minillm.kernels.cross_entropy import linear_cross_entropy  # noqa: E402
+from minillm.kernels.rmsnorm import rms_norm  # noqa: E402
+from minillm.kernels.rope import apply_rope  # noqa: E402
+from minillm.kernels.swiglu import swiglu  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
 # max |ours - fp32 reference| <= ATOL + RTOL * max |reference|   (see kernels/README.md)
@@ -184,10 +184,10 @@ def test_dispatch_forced_triton_matches_torch():
 
 def test_custom_op_registrations():
     """Schema, fake impl, autograd registration and AOT dispatch of every fused-layer op."""
-    from kernels.cross_entropy import linear_cross_entropy_fwd
-    from kernels.rmsnorm import rms_norm_fwd
-    from kernels.rope import rope_fwd
-    from kernels.swiglu import swiglu_fwd
+    from minillm.kernels.cross_entropy import linear_cross_entropy_fwd
+    from minillm.kernels.rmsnorm import rms_norm_fwd
+    from minillm.kernels.rope import rope_fwd
+    from minillm.kernels.swiglu import swiglu_fwd
 
     x, w = randn(3, 32).requires_grad_(), (1 + randn(32, seed=1)).requires_grad_()
     torch.library.opcheck(rms_norm_fwd, (x, w, 1e-6))
@@ -217,14 +217,14 @@ def grouped_inputs(counts, K, N, dtype, transposed=False):
     ([16, 16], 33, 65, False),        # groups that fill whole row tiles
 ])
 def test_grouped_mm_matches_reference(counts, K, N, transposed, dtype):
-    from kernels.moe import grouped_mm
+    from minillm.kernels.moe import grouped_mm
     x, w, c = grouped_inputs(counts, K, N, dtype, transposed)
     compare(lambda x, w: grouped_mm(x, w, c), lambda x, w: ref.grouped_mm_ref(x, w, c), [x, w], dtype)
 
 
 def test_grouped_mm_rows_go_to_their_own_expert():
     """Each expert's weight is a distinct scaled identity, so any row sent to the wrong expert shows."""
-    from kernels.moe import grouped_mm
+    from minillm.kernels.moe import grouped_mm
     counts = torch.tensor([3, 0, 20, 2])
     w = torch.stack([(e + 1) * torch.eye(8) for e in range(4)])
     x = torch.ones(25, 8)
@@ -233,7 +233,7 @@ def test_grouped_mm_rows_go_to_their_own_expert():
 
 
 def test_grouped_mm_bad_shapes_are_clear_errors():
-    from kernels.moe import grouped_mm
+    from minillm.kernels.moe import grouped_mm
     x, w, c = grouped_inputs([2, 3], 8, 4, torch.float32)
     with pytest.raises(ValueError, match="counts"):
         grouped_mm(x, w, torch.tensor([5]))
@@ -242,6 +242,6 @@ def test_grouped_mm_bad_shapes_are_clear_errors():
 
 
 def test_grouped_mm_custom_op_registration():
-    from kernels.moe import grouped_mm_op
+    from minillm.kernels.moe import grouped_mm_op
     x, w, c = grouped_inputs([3, 0, 4], 16, 8, torch.float32)
     torch.library.opcheck(grouped_mm_op, (x.requires_grad_(), w.requires_grad_(), c))

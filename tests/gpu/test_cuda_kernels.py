@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import reference as ref
+from minillm.kernels import reference as ref
 from minillm import MiniLLM, ModelConfig
 
 DEV = "cuda"
@@ -65,7 +65,7 @@ def sdpa(q, k, v, causal=True):
     (1, 8, 2, 4096, 128),
 ])
 def test_attention_causal(B, H, Hkv, T, D, dtype):
-    from kernels.attention import flash_attention
+    from minillm.kernels.attention import flash_attention
     q, k, v = randn(B, H, T, D, dtype=dtype), randn(B, Hkv, T, D, dtype=dtype, seed=1), \
         randn(B, Hkv, T, D, dtype=dtype, seed=2)
     as_accurate_as_torch(lambda q, k, v: flash_attention(q, k, v, causal=True), sdpa,
@@ -73,7 +73,7 @@ def test_attention_causal(B, H, Hkv, T, D, dtype):
 
 
 def test_attention_non_causal_and_cross_lengths():
-    from kernels.attention import flash_attention
+    from minillm.kernels.attention import flash_attention
     q, k, v = randn(2, 8, 200, 64, dtype=torch.bfloat16), randn(2, 4, 333, 64, dtype=torch.bfloat16, seed=1), \
         randn(2, 4, 333, 64, dtype=torch.bfloat16, seed=2)
     as_accurate_as_torch(lambda q, k, v: flash_attention(q, k, v, causal=False),
@@ -87,7 +87,7 @@ T_TOKENS = 4 * 340
 
 @pytest.mark.parametrize("dtype", LOWP)
 def test_rms_norm(dtype):
-    from kernels.rmsnorm import rms_norm
+    from minillm.kernels.rmsnorm import rms_norm
     x, w = randn(T_TOKENS, 768, dtype=dtype), 1 + 0.1 * randn(768, seed=1)  # fp32 weight, as under autocast
     as_accurate_as_torch(lambda x, w: rms_norm(x, w, 1e-6), lambda x, w: ref.rms_norm_ref(x, w, 1e-6),
                          lambda x, w: ref.rms_norm_ref(x, w, 1e-6), [x, w], "rms_norm")
@@ -95,14 +95,14 @@ def test_rms_norm(dtype):
 
 @pytest.mark.parametrize("dtype", LOWP)
 def test_swiglu(dtype):
-    from kernels.swiglu import swiglu
+    from minillm.kernels.swiglu import swiglu
     g, u = randn(T_TOKENS, 2432, dtype=dtype), randn(T_TOKENS, 2432, dtype=dtype, seed=1)
     as_accurate_as_torch(swiglu, ref.swiglu_ref, ref.swiglu_ref, [g, u], "swiglu")
 
 
 @pytest.mark.parametrize("dtype", LOWP)
 def test_rope(dtype):
-    from kernels.rope import apply_rope
+    from minillm.kernels.rope import apply_rope
     from minillm.model import rope_tables
     cos, sin = (t.to(DEV)[:340] for t in rope_tables(96, 4096, 1e6))
     q, k = randn(4, 8, 340, 96, dtype=dtype), randn(4, 4, 340, 96, dtype=dtype, seed=1)
@@ -112,7 +112,7 @@ def test_rope(dtype):
 
 @pytest.mark.parametrize("dtype", LOWP)
 def test_linear_cross_entropy(dtype):
-    from kernels.cross_entropy import linear_cross_entropy
+    from minillm.kernels.cross_entropy import linear_cross_entropy
     N, D, V = 8192, 768, 6400
     h, w = randn(N, D, dtype=dtype), 0.05 * randn(V, D, dtype=dtype, seed=1)
     t = torch.randint(0, V, (N,), device=DEV, generator=torch.Generator(device=DEV).manual_seed(2))
@@ -125,7 +125,7 @@ def test_linear_cross_entropy(dtype):
 def test_linear_cross_entropy_never_holds_the_logits():
     """Peak memory above the inputs for forward + backward: the fused op stays below one fp32 copy
     of the [N, V] logits; the eager reference needs several."""
-    from kernels.cross_entropy import linear_cross_entropy
+    from minillm.kernels.cross_entropy import linear_cross_entropy
     N, D, V = 16384, 768, 6400
     logits_bytes = N * V * 4
     h = randn(N, D, dtype=torch.bfloat16).requires_grad_()
@@ -150,7 +150,7 @@ def test_linear_cross_entropy_never_holds_the_logits():
 
 @pytest.mark.parametrize("dtype", LOWP)
 def test_grouped_mm(dtype):
-    from kernels.moe import grouped_mm
+    from minillm.kernels.moe import grouped_mm
     counts = torch.tensor([700, 0, 1500, 33, 2048, 1, 600, 1200], device=DEV)
     M, K, N = int(counts.sum()), 640, 2 * 1728
     x, w = randn(M, K, dtype=dtype), 0.05 * randn(8, N, K, dtype=dtype, seed=1)
