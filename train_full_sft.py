@@ -2,14 +2,16 @@
 
     python train_full_sft.py                                   # demo: out/pretrain -> out/full_sft, CPU ok
     python train_full_sft.py --data_path sft_mini_512.jsonl --max_seq_len 512 --learning_rate 5e-6
+    python train_full_sft.py --data_path my.jsonl --eval_split 0.02   # held-out loss on 2% of the rows
     torchrun --nproc_per_node 8 train_full_sft.py --data_path ...
 
 Every parameter trains on ChatML conversations; the loss covers each assistant turn's content
-and its <|im_end|>, never system/user text or padding (the tokenizer's loss mask). Rows are
-batched by similar length, so little compute goes to padding; the run reports how much did.
+and its <|im_end|>, never system/user text or padding. Rows are batched by similar length, so
+little compute goes to padding; the run reports how much did.
 """
-from minillm.data import LengthGroupedBatchSampler, SFTDataset, pad_collate
-from minillm.trainer import Trainer, build_on_main_first, main_guard, prepare_stage
+from minillm.data import IGNORE_INDEX, LengthGroupedBatchSampler, SFTDataset, pad_collate
+from minillm.config import stage_group
+from minillm.trainer import Trainer, load_datasets, main_guard, prepare_stage
 
 STAGE_DEFAULTS = dict(
     data_path="dataset/demo/sft.jsonl", init_from="out/pretrain", save_weight="full_sft", epochs=2,
@@ -34,50 +36,45 @@ SYSTEM_PROMPTS = [
 
 
 def add_sft_args(parser):
-    parser.add_argument("--system_prompt_prob", type=float, default=0.2,
-                        help="probability that a conversation without a system message gets a random one "
-                             "from a built-in bilingual list (0 = never)")
+    group = stage_group(parser, "SFT")
+    group.add_argument("--system_prompt_prob", type=float, default=0.2,
+                       help="probability that a conversation without a system message gets a random one "
+                            "from a built-in bilingual list (0 = never)")
 
 
-def sft_loss(model, batch):
-    """Mean cross-entropy over the assistant tokens only (labels are -100 everywhere else)."""
-    out = model(batch["input_ids"], labels=batch["labels"])
-    return out.loss, ({"aux_loss": out.aux_loss} if out.aux_loss.requires_grad else {})
-
-
-class CountingCollate:
-    """pad_collate plus `n_tokens`, the batch's real (unpadded) tokens, as a host int: tok/s
-    then counts real work, and reading it costs no device sync."""
-
-    def __init__(self, pad_id: int):
-        self.pad = pad_collate(pad_id)
-
-    def __call__(self, items):
-        batch = self.pad(items)
-        batch["n_tokens"] = sum(len(item["input_ids"]) for item in items)
-        return batch
+def sft_loss(model, batch, totals):
+    """Cross-entropy on the assistant's tokens only, exact over the optimizer step."""
+    ids, loss_mask = batch["ids"], batch["loss_mask"]
+    # Which tokens train: position t reads ids[:, :t+1] and predicts ids[:, t+1]. That target counts
+    # only where loss_mask marks it as the assistant's (each reply and the <|im_end|> closing it, as
+    # Tokenizer.render_chat renders them); system and user text, role headers and padding get -100:
+    # read as context, never trained on.
+    labels = ids[:, 1:].masked_fill(~loss_mask[:, 1:], IGNORE_INDEX)
+    out = model(ids[:, :-1], labels=labels, reduction="sum")
+    # this micro-batch's sum over the step's target count (all micro-batches, all ranks): every
+    # target token weighs the same however rows fall into micro-batches and processes
+    loss = out.ce_loss / totals["n_targets"] + out.balance_loss / totals["micro_batches"]
+    return loss, out.aux_metrics(totals)
 
 
 def main(argv=None):
     stage, args = prepare_stage(__doc__, STAGE_DEFAULTS, argv, extra_args=add_sft_args)
     cfg = stage.cfg
 
-    # rendered and masked once (rank 0 first); rows longer than max_seq_len are cut, mask with them
-    dataset = build_on_main_first(stage.dist, lambda: SFTDataset(
-        cfg.data_path, stage.tokenizer, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines),
+    # rendered and masked once (rank 0 first); rows longer than max_seq_len + 1 are cut, mask with them
+    dataset, eval_set = load_datasets(stage, lambda path: SFTDataset(
+        path, stage.tokenizer, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines),
         system_prompts=SYSTEM_PROMPTS, system_prompt_prob=args.system_prompt_prob, seed=cfg.seed))
     sampler = LengthGroupedBatchSampler(dataset.lengths, cfg.batch_size, stage.dist.rank, stage.dist.world_size,
-                                        seed=cfg.seed)
-    collate = CountingCollate(stage.tokenizer.pad_id)
+                                        cfg.accumulation_steps, seed=cfg.seed)
+    collate = pad_collate(stage.tokenizer.pad_id)
     if stage.dist.is_main:
         print(f"model: {stage.model.num_params() / 1e6:.2f}M parameters from {cfg.init_from or 'scratch'}; "
-              f"data: {dataset.report()}")
+              f"data: {dataset.report()}" + (f"; {len(eval_set)} held-out rows" if eval_set is not None else ""))
 
-    trainer = Trainer(cfg, stage.model, stage.tokenizer, dataset, sampler, collate_fn=collate,
-                      loss_fn=sft_loss, dist_info=stage.dist, tokens_in_batch=lambda b: b["n_tokens"],
-                      stage_args=stage.stage_args)
-    trainer.fit()
-    trainer.log(f"padding: {100 * collate.pad.padding_fraction():.1f}% of the positions in this run's batches")
+    trainer = Trainer(stage, dataset, sampler, collate)
+    trainer.fit(sft_loss, eval_set)
+    trainer.log(f"padding: {100 * collate.padding_fraction():.1f}% of the positions in this run's batches")
     trainer.log(f"done: checkpoint in {trainer.run_dir}")
     return trainer
 

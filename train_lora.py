@@ -9,10 +9,10 @@ the optimizer, and only they are saved, to <save_dir>/<lora_name>/ (adapter.safe
 adapter_config.yaml, + trainer_state.pt for --from_resume). `eval_model.py --lora_name NAME`
 loads them onto the base.
 """
-from minillm.data import LengthGroupedBatchSampler, SFTDataset
-from minillm.lora import add_lora_flags, apply_lora_from_flags, load_lora, save_lora
-from minillm.trainer import Trainer, build_on_main_first, main_guard, prepare_stage
-from train_full_sft import CountingCollate, sft_loss
+from minillm.data import IGNORE_INDEX, LengthGroupedBatchSampler, SFTDataset, pad_collate
+from minillm.lora import LoRALinear, add_lora_flags, lora_targets
+from minillm.config import stage_group
+from minillm.trainer import Trainer, load_datasets, main_guard, prepare_stage
 
 STAGE_DEFAULTS = dict(
     data_path="", init_from="out/full_sft", save_weight="", epochs=6,
@@ -22,43 +22,63 @@ STAGE_DEFAULTS = dict(
 
 
 def add_lora_args(parser):
-    parser.add_argument("--lora_name", default="lora_medical",
-                        help="adapter name: saved to <save_dir>/<lora_name>/; without --data_path the data is "
-                             "dataset/demo/<lora_name>.jsonl")
-    add_lora_flags(parser)
+    group = stage_group(parser, "LoRA")
+    group.add_argument("--lora_name", default="lora_medical",
+                       help="adapter name: saved to <save_dir>/<lora_name>/; without --data_path the data is "
+                            "dataset/demo/<lora_name>.jsonl")
+    add_lora_flags(group)
+
+
+def inject_lora(model, args):
+    """Freeze the base, wrap each targeted nn.Linear in a LoRALinear; -> the adapter parameters.
+
+    A wrapped layer computes W x + (alpha / r) * B (A x): A [r, in] starts random, B [out, r] at
+    zero, so the fresh adapter changes nothing and training moves only A and B.
+    """
+    model.requires_grad_(False)
+    adapters = []
+    for parent, name, linear in lora_targets(model, args.lora_targets):
+        wrapped = LoRALinear(linear, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                             rslora=bool(args.use_rslora))
+        setattr(parent, name, wrapped)
+        adapters += [wrapped.lora_A, wrapped.lora_B]
+    return adapters
+
+
+def lora_loss(model, batch, totals):
+    """The SFT loss (train_full_sft.py's: assistant targets only, exact over the step), through
+    the adapters: the gradient reaches only lora_A and lora_B."""
+    ids, loss_mask = batch["ids"], batch["loss_mask"]
+    labels = ids[:, 1:].masked_fill(~loss_mask[:, 1:], IGNORE_INDEX)  # predict t+1 where it is the assistant's
+    out = model(ids[:, :-1], labels=labels, reduction="sum")
+    return out.ce_loss / totals["n_targets"] + out.balance_loss / totals["micro_batches"], out.aux_metrics(totals)
 
 
 def main(argv=None):
     stage, args = prepare_stage(__doc__, STAGE_DEFAULTS, argv, extra_args=add_lora_args)
     cfg = stage.cfg
-    cfg.data_path = cfg.data_path or f"dataset/demo/{args.lora_name}.jsonl"
+    if not cfg.data_path:  # the demo adapter of that name
+        cfg.data_path = f"dataset/demo/{args.lora_name}.jsonl"
+        stage.on_demo_data = True
     cfg.save_weight = cfg.save_weight or args.lora_name
 
-    # the adapters: everything else is frozen, and only these go to the optimizer
-    lora_params = apply_lora_from_flags(stage.model, args)
+    lora_params = inject_lora(stage.model, args)
 
-    dataset = build_on_main_first(stage.dist, lambda: SFTDataset(
-        cfg.data_path, stage.tokenizer, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines), seed=cfg.seed))
+    dataset, eval_set = load_datasets(stage, lambda path: SFTDataset(
+        path, stage.tokenizer, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines), seed=cfg.seed))
     sampler = LengthGroupedBatchSampler(dataset.lengths, cfg.batch_size, stage.dist.rank, stage.dist.world_size,
-                                        seed=cfg.seed)
-    collate = CountingCollate(stage.tokenizer.pad_id)
+                                        cfg.accumulation_steps, seed=cfg.seed)
+    collate = pad_collate(stage.tokenizer.pad_id)
     if stage.dist.is_main:
         n_lora = sum(p.numel() for p in lora_params)
         print(f"LoRA {args.lora_name}: {n_lora / 1e3:.1f}K adapter parameters "
               f"({100 * n_lora / stage.model.num_params():.2f}% of {stage.model.num_params() / 1e6:.2f}M) on "
               f"{cfg.init_from}; data: {dataset.report()}")
 
-    run_config = {"train": cfg.to_dict(), "lora_name": args.lora_name, "base": cfg.init_from}
-
-    def save_adapter(folder, model, trainer_state):  # only the adapter (+ resume state), never the base
-        save_lora(folder, model, run_config, trainer_state=trainer_state)
-
-    trainer = Trainer(cfg, stage.model, stage.tokenizer, dataset, sampler, collate_fn=collate, loss_fn=sft_loss,
-                      dist_info=stage.dist, trainable=lora_params, save_fn=save_adapter,
-                      load_fn=lambda folder, model: load_lora(model, folder),
-                      tokens_in_batch=lambda b: b["n_tokens"])
-    trainer.fit()
-    trainer.log(f"padding: {100 * collate.pad.padding_fraction():.1f}% of the positions in this run's batches")
+    # only the adapters reach the optimizer, and only they are saved (with the resume state)
+    trainer = Trainer(stage, dataset, sampler, collate, params=lora_params, save_adapter=True)
+    trainer.fit(lora_loss, eval_set)
+    trainer.log(f"padding: {100 * collate.padding_fraction():.1f}% of the positions in this run's batches")
     trainer.log(f"done: adapter in {trainer.run_dir} (load with eval_model.py --lora_name {args.lora_name})")
     return trainer
 

@@ -6,8 +6,8 @@
 
 The corpus is tokenized once into a memory-mapped cache beside the jsonl; later runs reuse it.
 """
-from minillm.data import PretrainDataset, ShardedBatchSampler
-from minillm.trainer import Trainer, build_on_main_first, main_guard, prepare_stage
+from minillm.data import PretrainDataset, ShardedBatchSampler, packed_collate
+from minillm.trainer import Trainer, load_datasets, main_guard, prepare_stage
 
 STAGE_DEFAULTS = dict(
     data_path="dataset/demo/pretrain.jsonl", save_weight="pretrain", epochs=2,
@@ -18,10 +18,18 @@ STAGE_DEFAULTS = dict(
 )
 
 
-def pretrain_loss(model, batch):
-    """Mean cross-entropy over every position: in pretraining each token is a target."""
-    out = model(batch["input_ids"], labels=batch["labels"])
-    return out.loss, ({"aux_loss": out.aux_loss} if out.aux_loss.requires_grad else {})
+def pretrain_loss(model, batch, totals):
+    """Cross-entropy at every position: in pretraining each token is a target.
+
+    Every micro-batch holds the same batch_size x max_seq_len targets, so the mean over the step
+    is the mean of the micro-batch means: each micro-batch contributes its mean over the number of
+    micro-batches in the step (over all ranks). (SFT, whose micro-batches hold unequal numbers of
+    targets, divides sums by the step's target count instead.)
+    """
+    ids = batch["ids"]
+    out = model(ids[:, :-1], labels=ids[:, 1:])  # read tokens 0..T-1, predict 1..T
+    loss = (out.ce_loss + out.balance_loss) / totals["micro_batches"]
+    return loss, out.aux_metrics(totals)
 
 
 def main(argv=None):
@@ -29,17 +37,17 @@ def main(argv=None):
     cfg = stage.cfg
 
     # tokenized once into a memmap cache (rank 0 builds it, the others reuse it)
-    dataset = build_on_main_first(stage.dist, lambda: PretrainDataset(
-        cfg.data_path, stage.tokenizer, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines)))
+    dataset, eval_set = load_datasets(stage, lambda path: PretrainDataset(
+        path, stage.tokenizer, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines)))
     sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, stage.dist.rank, stage.dist.world_size,
-                                  seed=cfg.seed)
+                                  cfg.accumulation_steps, seed=cfg.seed)
     if stage.dist.is_main:
         print(f"model: {stage.model.num_params() / 1e6:.2f}M parameters; data: {len(dataset):,} rows of "
-              f"{cfg.max_seq_len} tokens ({dataset.n_tokens:,} tokens) from {cfg.data_path}")
+              f"{cfg.max_seq_len} tokens from {cfg.data_path} ({dataset.n_tokens:,} tokens)"
+              + (f"; {len(eval_set):,} held-out rows" if eval_set is not None else ""))
 
-    trainer = Trainer(cfg, stage.model, stage.tokenizer, dataset, sampler, collate_fn=None,
-                      loss_fn=pretrain_loss, dist_info=stage.dist)
-    trainer.fit()
+    trainer = Trainer(stage, dataset, sampler, packed_collate)
+    trainer.fit(pretrain_loss, eval_set)
     if dataset.bad_lines:
         trainer.log(str(dataset.bad_lines))
     trainer.log(f"done: checkpoint in {trainer.run_dir}")

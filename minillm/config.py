@@ -167,6 +167,10 @@ class TrainConfig:
     skip_bad_lines: int = _help("1 = skip malformed jsonl lines (reported at the end) instead of stopping",
                                 default=0)
     use_tensorboard: int = _help("1 = write TensorBoard scalars under the run folder", default=1)
+    eval_data_path: str = _help("held-out data in --data_path's format: its loss (and the stage's metrics) at "
+                                "every evaluation, in the log and TensorBoard ('' = none)", default="")
+    eval_split: float = _help("hold out this seeded fraction of --data_path's rows instead (0 = none)", default=0.0)
+    eval_interval: int = _help("evaluate every N optimizer steps and at the end (0 = at every save)", default=0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -322,6 +326,7 @@ TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "hardware": ("device", "dtype", "use_compile", "compile_mode"),
     "checkpointing": ("save_dir", "save_weight", "init_from", "save_interval", "from_resume"),
     "logging": ("log_interval", "use_tensorboard"),
+    "evaluation": ("eval_data_path", "eval_split", "eval_interval"),
 }
 _METAVARS = {int: "INT", float: "FLOAT", bool: "BOOL", str: "TEXT"}
 

@@ -128,12 +128,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
-def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
-               targets=DEFAULT_TARGETS, rslora: bool = False) -> list[nn.Parameter]:
-    """Wrap every nn.Linear whose name ends with one of `targets` in a LoRALinear.
-
-    Freezes every other parameter and returns the adapter parameters (what the optimizer gets).
-    """
+def lora_targets(model: nn.Module, targets=DEFAULT_TARGETS) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent module, attribute name, nn.Linear) for every linear layer whose name ends with one of
+    `targets` (a tuple or a comma-separated string): the layers an adapter goes into."""
     model = _unwrap(model)
     if isinstance(targets, str):
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
@@ -145,13 +142,23 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: floa
         linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"no nn.Linear module matches the LoRA targets {list(targets)}; "
                          f"this model's linear layers are named {linears}")
-    model.requires_grad_(False)
-    params = []
+    found = []
     for name, linear in chosen:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        found.append((model.get_submodule(parent_name) if parent_name else model, child, linear))
+    return found
+
+
+def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
+               targets=DEFAULT_TARGETS, rslora: bool = False) -> list[nn.Parameter]:
+    """Freeze the model and wrap every targeted nn.Linear in a LoRALinear; -> the adapter
+    parameters (what the optimizer gets). train_lora.py spells the same loop out."""
+    layers = lora_targets(model, targets)
+    _unwrap(model).requires_grad_(False)
+    params = []
+    for parent, name, linear in layers:
         wrapped = LoRALinear(linear, rank, alpha, dropout, rslora)
-        setattr(parent, child, wrapped)
+        setattr(parent, name, wrapped)
         params += [wrapped.lora_A, wrapped.lora_B]
     return params
 
@@ -266,16 +273,11 @@ def lora_disabled(model: nn.Module):
 
 
 def add_lora_flags(parser):
-    """The adapter flags every LoRA-capable stage script takes (train_lora.py, train_dpo.py)."""
+    """The adapter flags every LoRA-capable stage script takes (train_lora.py, train_dpo.py), on a
+    parser or an argument group."""
     parser.add_argument("--lora_rank", type=int, default=8, help="rank r of each adapter")
     parser.add_argument("--lora_alpha", type=float, default=16, help="scaling numerator: update = alpha/r * B @ A")
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter's input")
     parser.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
                         help="comma-separated names of the nn.Linear modules to adapt (matched by name suffix)")
     parser.add_argument("--use_rslora", type=int, default=0, help="1 = rsLoRA scaling alpha/sqrt(r)")
-
-
-def apply_lora_from_flags(model: nn.Module, args) -> list[nn.Parameter]:
-    """apply_lora with the values of add_lora_flags' flags."""
-    return apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                      targets=args.lora_targets, rslora=bool(args.use_rslora))

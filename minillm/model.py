@@ -155,7 +155,7 @@ class MoE(nn.Module):
         """-> (top-k expert ids [N, k], their gate weights [N, k], router probs [N, E])."""
         probs = F.softmax(self.gate(x_flat).float(), dim=-1)
         weights, ids = probs.topk(self.top_k, dim=-1)
-        if self.norm_topk and self.top_k > 1:
+        if self.norm_topk:  # at top-1 this makes every gate weight 1, as transformers' Qwen-MoE does
             weights = weights / weights.sum(-1, keepdim=True)
         return ids, weights, probs
 
@@ -239,9 +239,15 @@ class Decoder(nn.Module):
 
 
 class LossOutput(NamedTuple):
-    loss: torch.Tensor      # what to backpropagate: ce_loss + aux_loss_coef * aux_loss
-    ce_loss: torch.Tensor
-    aux_loss: torch.Tensor
+    loss: torch.Tensor          # reduction "mean": ce_loss + balance_loss, what to backpropagate
+    ce_loss: torch.Tensor       # cross-entropy, reduced as asked: mean, sum, or per position [B, T] ("none")
+    aux_loss: torch.Tensor      # MoE load-balancing loss of this forward (0 without MoE or in eval mode)
+    balance_loss: torch.Tensor  # aux_loss_coef * aux_loss: the term a stage adds once per forward
+
+    def aux_metrics(self, totals: dict) -> dict:
+        """{"aux_loss": this forward's share of the step's mean} while an MoE model trains (for the
+        log, beside the loss), else {}."""
+        return {"aux_loss": self.aux_loss / totals["micro_batches"]} if self.aux_loss.requires_grad else {}
 
 
 class MiniLLM(nn.Module):
@@ -323,7 +329,7 @@ class MiniLLM(nn.Module):
         cos, sin = self._rope(start + T)
         return cos[start:], sin[start:], None, None
 
-    def forward(self, input_ids, labels=None, loss_weights=None, cache: KVCache | None = None,
+    def forward(self, input_ids, labels=None, reduction: str = "mean", cache: KVCache | None = None,
                 return_aux: bool = False):
         """labels None -> logits [B, T, V] (with return_aux: (logits, MoE aux loss), for losses
         built on logits such as DPO's); labels given -> LossOutput (see `loss`).
@@ -331,30 +337,34 @@ class MiniLLM(nn.Module):
         The loss lives behind forward so DDP and torch.compile wrappers see the whole step.
         """
         if labels is not None:
-            return self.loss(input_ids, labels, loss_weights)
+            return self.loss(input_ids, labels, reduction)
         h, aux = self.forward_hidden(input_ids, cache)
         return (self.lm_head(h), aux) if return_aux else self.lm_head(h)
 
-    def loss(self, input_ids, labels, loss_weights=None) -> LossOutput:
-        """Mean next-token cross-entropy over positions whose label is not -100.
+    def loss(self, input_ids, labels, reduction: str = "mean") -> LossOutput:
+        """Next-token cross-entropy at the positions whose label is not -100.
 
         `labels` are already shifted (labels[:, t] is the target after input_ids[:, t]).
-        `loss_weights` [B, T] rescales each position (reasoning tag weighting); the mean is
-        then sum(w * ce) / sum(w over counted positions).
+        reduction "mean" (over counted positions), "sum", or "none" ([B, T] per position, 0 where
+        the label is -100: for per-token weights, as the reasoning stage applies). The training
+        stages take "sum" and divide by the target count of the whole optimizer step themselves.
         """
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction {reduction!r}: use mean, sum or none")
         h, aux = self.forward_hidden(input_ids)
-        if loss_weights is None:
+        if reduction == "none":
+            logits = self.lm_head(h).float()
+            ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                 reduction="none").view_as(labels)
+        else:
             # fused linear + cross-entropy: no [B*T, V] logits kept on the fused path
             ce = dispatch.linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten(),
                                                ignore_index=-100, backend=self.config.kernel_backend)
-        else:
-            logits = self.lm_head(h).float()
-            per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                        reduction="none").view_as(labels)
-            w = loss_weights.float() * (labels != -100)
-            ce = (per_token * w).sum() / w.sum().clamp(min=1e-8)
-        total = ce + self.config.aux_loss_coef * aux if self.config.use_moe else ce
-        return LossOutput(total, ce, aux)
+            if reduction == "sum":  # the kernel's mean times its own count (a device tensor: no sync)
+                ce = ce * (labels != -100).sum()
+        balance = self.config.aux_loss_coef * aux if self.config.use_moe else torch.zeros_like(aux)
+        total = ce + balance if reduction == "mean" else ce
+        return LossOutput(total, ce, aux, balance)
 
     def token_logprobs(self, input_ids, labels):
         """log p(label) at every position [B, T] in fp32; 0 where the label is -100."""

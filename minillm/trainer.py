@@ -160,66 +160,72 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 # -- the loop ---------------------------------------------------------------------------------
-LossFn = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict]"]
+LossFn = Callable[[torch.nn.Module, dict, dict], "tuple[torch.Tensor, dict]"]
 
 
 class Trainer:
-    """Runs `loss_fn` over `batch_sampler`'s batches of `dataset` with all the plumbing.
+    """The plumbing around one stage's loss function.
 
-    `batch_sampler` yields lists of dataset indices for this rank and supports
-    `set_epoch(epoch, start_batch)` (resume mid-epoch) and, after `set_epoch(e, 0)`, `len()`
-    is the number of batches in an epoch (data.ShardedBatchSampler, data.LengthGroupedBatchSampler).
-    `trainable` (default: all parameters) picks what the optimizer updates (LoRA).
-    `save_fn(folder, model, trainer_state)` overrides what a checkpoint holds (LoRA saves only the
-    adapter); `load_fn(folder, model)` then restores it on resume.
+        trainer = Trainer(stage, dataset, sampler, collate)              # every parameter trains
+        trainer = Trainer(stage, dataset, sampler, collate, params=lora_params, save_adapter=True)
+        trainer.fit(loss_fn, eval_set=held_out)
+
+    `loss_fn(model, batch, totals) -> (loss, metrics)` is the stage's math. Exact normalisation
+    across micro-batches and ranks (torchtitan's way): before an optimizer step the trainer takes
+    all of that step's micro-batches, adds up every host-int count the collate put in them (keys
+    `n_*`: n_targets, n_pairs, ...) over the micro-batches and all ranks, and passes the sums as
+    `totals` (plus `totals["micro_batches"]`, their number over all ranks). The loss_fn returns
+    its micro-batch's *share* of the step's loss (e.g. a local sum divided by `totals["n_targets"]`),
+    so the shares of all micro-batches and ranks add up to the step's loss, whatever the split;
+    metrics are shares the same way. `sampler` yields this rank's micro-batches, grouped per
+    optimizer step (data.samplers), and has `set_epoch(epoch, start_batch)`.
+
+    `collate` turns a list of items into a batch dict with host-int counts, `n_tokens` (real tokens,
+    for tok/s) among them. `params` (default: all) are what the optimizer updates; `save_adapter=True` saves only the LoRA
+    adapter (plus resume state) instead of the whole model.
     """
 
-    def __init__(self, train_cfg: TrainConfig, model: torch.nn.Module, tokenizer, dataset, batch_sampler,
-                 collate_fn, loss_fn: LossFn, dist_info: DistInfo, trainable=None,
-                 save_fn: Callable | None = None, tokens_in_batch: Callable[[dict], int] | None = None,
-                 on_save: Callable | None = None, load_fn: Callable | None = None,
-                 stage_args: dict | None = None):
-        self.cfg, self.dist, self.tokenizer = train_cfg, dist_info, tokenizer
-        self.device = dist_info.device
-        self.model = model.to(self.device)
-        self.dataset, self.batch_sampler, self.collate_fn = dataset, batch_sampler, collate_fn
-        self.loss_fn, self.save_fn, self.on_save, self.load_fn = loss_fn, save_fn, on_save, load_fn
-        self.tokens_in_batch = tokens_in_batch or (lambda b: b["input_ids"].numel())
-        self.stage_args = dict(stage_args or {})  # written into config.yaml under `stage:`
-        self.run_dir = Path(train_cfg.save_dir) / train_cfg.save_weight
-        self.log_dir = Path(train_cfg.save_dir) / "logs" / train_cfg.save_weight
+    def __init__(self, stage: "Stage", dataset, sampler, collate, params=None, save_adapter: bool = False):
+        self.stage, self.cfg, self.dist = stage, stage.cfg, stage.dist
+        self.device = stage.dist.device
+        self.model = stage.model.to(self.device)
+        self.dataset, self.sampler, self.collate = dataset, sampler, collate
+        self.save_adapter = save_adapter
+        cfg = self.cfg
+        self.run_dir = Path(cfg.save_dir) / cfg.save_weight
+        self.log_dir = Path(cfg.save_dir) / "logs" / cfg.save_weight
 
-        params = list(trainable) if trainable is not None else list(self.model.parameters())
+        params = list(params) if params is not None else list(self.model.parameters())
         self.params = [p for p in params if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, train_cfg, self.device)
+        self.optimizer = build_optimizer(self.params, cfg, self.device)
 
         cuda = self.device.type == "cuda"
-        self.amp_dtype = training_dtype(train_cfg.dtype, self.device)
+        self.amp_dtype = training_dtype(cfg.dtype, self.device)
         self.autocast = autocast_context(self.amp_dtype, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and self.amp_dtype == torch.float16)
 
         wrapped = self.model
-        if dist_info.enabled:
+        if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
             wrapped = DDP(self.model, device_ids=[self.device.index] if cuda else None)
-        mode = compile_mode(train_cfg.compile_mode)
-        compile_on = train_cfg.use_compile == 1 or (train_cfg.use_compile == -1 and cuda)
+        mode = compile_mode(cfg.compile_mode)
+        compile_on = cfg.use_compile == 1 or (cfg.use_compile == -1 and cuda)
         self.step_model = torch.compile(wrapped, mode=mode) if compile_on else wrapped
         self.ddp_model = wrapped
 
-        batch_sampler.set_epoch(0, 0)
-        steps_per_epoch = len(batch_sampler) // train_cfg.accumulation_steps
+        sampler.set_epoch(0, 0)
+        steps_per_epoch = len(sampler) // cfg.accumulation_steps
         if steps_per_epoch == 0:
-            raise ValueError(f"{train_cfg.data_path}: {len(batch_sampler)} batches per process is fewer than "
-                             f"--accumulation_steps {train_cfg.accumulation_steps}; use more data or a smaller "
-                             f"--batch_size / --accumulation_steps")
+            raise ValueError(f"{cfg.data_path}: too few rows for one optimizer step of --batch_size "
+                             f"{cfg.batch_size} x --accumulation_steps {cfg.accumulation_steps} x "
+                             f"{self.dist.world_size} processes; use more data or smaller values")
         self.steps_per_epoch = steps_per_epoch
-        total = steps_per_epoch * train_cfg.epochs
-        self.total_steps = min(total, train_cfg.max_steps) if train_cfg.max_steps > 0 else total
-        self.warmup = (train_cfg.warmup_steps if train_cfg.warmup_steps >= 0
-                       else max(1, self.total_steps // 100))
+        total = steps_per_epoch * cfg.epochs
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+        self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, self.total_steps // 100)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.history: list[float] = []  # loss per optimizer step (read at log time), for tests and reports
+        self.history: list[float] = []  # loss per logged step, for tests and reports
+        self.eval_history: list[tuple[int, float]] = []  # (step, held-out loss)
         self.writer = None
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -235,13 +241,14 @@ class Trainer:
     def save(self):
         state = self.state()  # a collective under DDP: every rank takes part
         if self.dist.is_main:
-            if self.save_fn is not None:
-                self.save_fn(self.run_dir, self.model, state)
+            stage_doc = {"stage": self.stage.stage_args} if self.stage.stage_args else {}
+            if self.save_adapter:
+                from minillm.lora import save_lora
+                save_lora(self.run_dir, self.model, {"train": self.cfg.to_dict(), **stage_doc,
+                                                     "base": self.cfg.init_from}, trainer_state=state)
             else:
-                save_checkpoint(self.run_dir, self.model, self.tokenizer, self.cfg, trainer_state=state,
-                                extra={"stage": self.stage_args} if self.stage_args else None)
-            if self.on_save is not None:
-                self.on_save(self.run_dir)
+                save_checkpoint(self.run_dir, self.model, self.stage.tokenizer, self.cfg, trainer_state=state,
+                                extra=stage_doc or None)
         if self.dist.enabled:
             dist.barrier()
 
@@ -249,8 +256,8 @@ class Trainer:
         if not self.cfg.from_resume:
             return False
         try:
-            # a save_fn folder may hold no model.safetensors; every resumable one holds the state
-            folder = resolve_checkpoint(self.run_dir, marker=STATE if self.save_fn is not None else WEIGHTS)
+            # an adapter folder holds no model.safetensors; every resumable folder holds the state
+            folder = resolve_checkpoint(self.run_dir, marker=STATE if self.save_adapter else WEIGHTS)
         except FileNotFoundError:
             self.log(f"--from_resume 1: no checkpoint at {self.run_dir} yet, starting fresh")
             return False
@@ -261,11 +268,12 @@ class Trainer:
         if state["world_size"] != self.dist.world_size:
             raise ValueError(f"{folder} was written by {state['world_size']} processes, this run has "
                              f"{self.dist.world_size}; resume with the same --nproc_per_node")
-        if self.save_fn is None:  # full checkpoints: restore the weights here
+        if self.save_adapter:
+            from minillm.lora import load_lora
+            load_lora(self.model, folder)
+        else:
             from minillm.checkpoint import load_weights
             load_weights(self.model, folder)
-        elif self.load_fn is not None:
-            self.load_fn(folder, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][self.dist.rank])
@@ -282,23 +290,83 @@ class Trainer:
         if self.writer is not None:
             self.writer.add_scalar(name, value, step)
 
-    # -- the loop -------------------------------------------------------------------------------
-    def batches(self):
-        """(epoch, batch) pairs from the current position on, moved to the device."""
-        pin = self.device.type == "cuda"
+    # -- data -----------------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def step_batches(self):
+        """The micro-batches of each optimizer step from the current position on, on the device.
+        An epoch's micro-batches that do not fill a whole step are left out."""
+        accum = self.cfg.accumulation_steps
         while self.epoch < self.cfg.epochs:
-            self.batch_sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            left = (len(self.sampler) // accum) * accum
             loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=self.batch_sampler, collate_fn=self.collate_fn,
-                num_workers=self.cfg.num_workers, pin_memory=pin,
-                persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers > 0 else None)
-            for batch in loader:
-                yield {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                       for k, v in batch.items()}
+                self.dataset, batch_sampler=self.sampler, collate_fn=self.collate,
+                num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
+                prefetch_factor=4 if self.cfg.num_workers > 0 else None)
+            micro = []
+            for i, batch in enumerate(loader):
+                if i >= left:
+                    break
+                micro.append(self._to_device(batch))
+                if len(micro) == accum:
+                    self.batch_in_epoch += accum
+                    yield micro
+                    micro = []
             self.epoch += 1
             self.batch_in_epoch = 0
 
-    def fit(self) -> list[float]:
+    def totals(self, micro_batches: list[dict]):
+        """Every `n_*` count summed over the step's micro-batches and all ranks, plus the number of
+        micro-batches: plain numbers in one process, device tensors (one all-reduce) under DDP."""
+        keys = sorted(k for k, v in micro_batches[0].items() if k.startswith("n_") and isinstance(v, int))
+        local = [float(sum(b[k] for b in micro_batches)) for k in keys] + [float(len(micro_batches))]
+        if not self.dist.enabled:
+            return dict(zip(keys + ["micro_batches"], local))
+        packed = torch.tensor(local, dtype=torch.float64, device=self.device)
+        dist.all_reduce(packed)  # a device collective: no host sync
+        packed = packed.float()
+        return {k: packed[i] for i, k in enumerate(keys + ["micro_batches"])}
+
+    # -- held-out evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loss_fn: LossFn, eval_set) -> tuple[float, dict[str, float]]:
+        """The stage's loss and metrics over the whole held-out set, normalised over all of it
+        (its batches are one "step"). Rank 0 only, on the plain model: no collectives."""
+        from minillm.model import eval_mode
+        order = np.argsort(-np.asarray(eval_set.lengths)) if getattr(eval_set, "lengths", None) is not None \
+            else np.arange(len(eval_set))
+        b = self.cfg.batch_size
+        batches = [self.collate([eval_set[int(i)] for i in order[s: s + b]]) for s in range(0, len(order), b)]
+        keys = [k for k, v in batches[0].items() if k.startswith("n_") and isinstance(v, int)]
+        totals = {k: float(sum(batch[k] for batch in batches)) for k in keys}
+        totals["micro_batches"] = float(len(batches))
+        loss, metrics = torch.zeros((), device=self.device), {}
+        with eval_mode(self.model):
+            for batch in batches:
+                with self.autocast:
+                    part, part_metrics = loss_fn(self.model, self._to_device(batch), totals)
+                loss += part.detach().float()
+                for k, v in part_metrics.items():
+                    metrics[k] = metrics.get(k, 0.0) + v.detach().float()
+        return loss.item(), {k: v.item() for k, v in metrics.items()}
+
+    def _run_eval(self, loss_fn, eval_set):
+        if self.dist.is_main:
+            loss, metrics = self.evaluate(loss_fn, eval_set)
+            self.eval_history.append((self.step, loss))
+            self.log(f"eval step {self.step}: loss {loss:.4f}" + "".join(f" {k} {v:.4f}" for k, v in metrics.items()))
+            self.scalar("eval/loss", loss, self.step)
+            for k, v in metrics.items():
+                self.scalar(f"eval/{k}", v, self.step)
+        if self.dist.enabled:
+            dist.barrier()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, loss_fn: LossFn, eval_set=None) -> list[float]:
+        """Train to the end (resuming first with --from_resume 1), evaluating `eval_set` with the same
+        loss_fn every --eval_interval steps and at the end; returns the logged training losses."""
         cfg = self.cfg
         self.try_resume()
         if self.dist.is_main and cfg.use_tensorboard:
@@ -307,36 +375,33 @@ class Trainer:
         n_params = sum(p.numel() for p in self.params)
         precision = f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.amp_dtype else "float32"
         self.log(f"training {n_params / 1e6:.2f}M parameters on {self.dist.world_size} x {self.device} "
-                 f"({precision}), "
-                 f"{self.total_steps} steps of {cfg.batch_size} x {cfg.accumulation_steps} x "
+                 f"({precision}), {self.total_steps} steps of {cfg.batch_size} x {cfg.accumulation_steps} x "
                  f"{self.dist.world_size} rows; checkpoints -> {self.run_dir}, TensorBoard -> {self.log_dir}")
         model_cfg = getattr(self.model, "config", None)
         flops_tok = flops_per_token(model_cfg, cfg.max_seq_len) if model_cfg is not None else 0.0
+        eval_every = cfg.eval_interval if cfg.eval_interval > 0 else cfg.save_interval
+        # DDP averages gradients over ranks; the shares already sum over ranks, so scale them back up
+        world = self.dist.world_size
 
         self.model.train()
-        accum = cfg.accumulation_steps
-        micro = 0
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict[str, torch.Tensor] = {}
         tokens_since_log, t_log, t_start, steps_since_log = 0, time.perf_counter(), time.perf_counter(), 0
         step_at_start = self.step
-        for batch in self.batches() if self.step < self.total_steps else ():
-            last_micro = micro == accum - 1
-            # gradients are all-reduced only on the last micro-step of an accumulation
-            sync = self.ddp_model.no_sync() if (self.dist.enabled and not last_micro) else contextlib.nullcontext()
-            with sync:
-                with self.autocast:
-                    loss, metrics = self.loss_fn(self.step_model, batch)
-                self.scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach().float() / accum
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0) + v.detach().float() / accum
-            tokens_since_log += self.tokens_in_batch(batch) * self.dist.world_size
-            self.batch_in_epoch += 1
-            micro += 1
-            if not last_micro:
-                continue
-            micro = 0
+        for micro_batches in self.step_batches() if self.step < self.total_steps else ():
+            totals = self.totals(micro_batches)
+            for i, batch in enumerate(micro_batches):
+                # gradients are all-reduced only on the last micro-batch of the step
+                last = i == len(micro_batches) - 1
+                sync = self.ddp_model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
+                with sync:
+                    with self.autocast:
+                        loss, metrics = loss_fn(self.step_model, batch, totals)
+                    self.scaler.scale(loss * world if world > 1 else loss).backward()
+                loss_sum += loss.detach().float()
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
+                tokens_since_log += batch["n_tokens"] * world  # real tokens, a host int from the collate
 
             lr = lr_at(self.step, self.total_steps, cfg.learning_rate, self.warmup, cfg.min_lr_ratio)
             for group in self.optimizer.param_groups:
@@ -353,11 +418,9 @@ class Trainer:
             done = self.step >= self.total_steps
             if self.step % cfg.log_interval == 0 or done or self.step == step_at_start + 1:
                 # the only host syncs of the loop: once per log interval
-                if self.dist.enabled:
+                if self.dist.enabled:  # each rank holds its shares: their sum is the step's value
                     packed = torch.stack([loss_sum] + [metric_sums[k] for k in sorted(metric_sums)])
-                    dist.all_reduce(packed, op=dist.ReduceOp.AVG if self.device.type == "cuda" else dist.ReduceOp.SUM)
-                    if self.device.type != "cuda":
-                        packed /= self.dist.world_size
+                    dist.all_reduce(packed)
                     loss_sum = packed[0]
                     metric_sums = {k: packed[i + 1] for i, k in enumerate(sorted(metric_sums))}
                 loss_val = loss_sum.item() / steps_since_log
@@ -378,7 +441,7 @@ class Trainer:
                     self.scalar(f"train/{k}", v, self.step)
                 if self.device.type == "cuda":
                     mem = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    mfu = tok_s / self.dist.world_size * flops_tok / H100_BF16_FLOPS
+                    mfu = tok_s / world * flops_tok / H100_BF16_FLOPS
                     line += f" mem {mem:.2f}GiB mfu {100 * mfu:.1f}%"
                     self.scalar("perf/gpu_mem_gib", mem, self.step)
                     self.scalar("perf/mfu", mfu, self.step)
@@ -386,6 +449,8 @@ class Trainer:
                 loss_sum = torch.zeros((), device=self.device)
                 metric_sums = {}
                 tokens_since_log, t_log, steps_since_log = 0, time.perf_counter(), 0
+            if eval_set is not None and (done or (eval_every > 0 and self.step % eval_every == 0)):
+                self._run_eval(loss_fn, eval_set)
             if done or (cfg.save_interval > 0 and self.step % cfg.save_interval == 0):
                 self.save()
             if done:
@@ -422,17 +487,19 @@ class Stage:
     tokenizer: object
     model: torch.nn.Module
     stage_args: dict = field(default_factory=dict)  # the stage's own flags (--beta, --tag_weight, ...)
+    on_demo_data: bool = False  # --data_path is the stage's demo file: demo-only extras may apply
 
 
 def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Callable | None = None):
     """Parse flags, set up processes and seeds, load the tokenizer and build (or load) the model.
 
     With `--init_from DIR` (or a stage default) the model and its shape come from that
-    checkpoint and its tokenizer is used unless --tokenizer_path says otherwise.
-    `extra_args(parser)` lets a stage add its own flags; returns (Stage, args).
+    checkpoint and its tokenizer is used unless --tokenizer_path says otherwise. A new model takes
+    its vocabulary size from the tokenizer unless --vocab_size (or a config file) sets it.
+    `extra_args(parser)` adds the stage's own flags; returns (Stage, args).
     """
     from minillm.checkpoint import load_checkpoint, load_config
-    from minillm.config import build_parser, resolve
+    from minillm.config import build_parser, load_yaml, resolve
     from minillm.model import MiniLLM
     from minillm.tokenizer import Tokenizer
 
@@ -461,11 +528,17 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
         model, ckpt_tok = load_checkpoint(cfg.init_from, kernel_backend=model_cfg.kernel_backend)
         tokenizer = Tokenizer.load(cfg.tokenizer_path) if cfg.tokenizer_path else ckpt_tok
     else:
-        model, tokenizer = MiniLLM(model_cfg), Tokenizer.load(cfg.tokenizer_path or None)
+        tokenizer = Tokenizer.load(cfg.tokenizer_path or None)
+        from_config = load_yaml(args.config).get("model", {}) if getattr(args, "config", "") else {}
+        if not hasattr(args, "vocab_size") and "vocab_size" not in from_config:
+            model_cfg.vocab_size = tokenizer.vocab_size  # the tokenizer decides; --vocab_size may pad it
+        model = MiniLLM(model_cfg)
     if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                         f"{model_cfg.vocab_size}; pass --vocab_size {tokenizer.vocab_size} or another tokenizer")
-    return Stage(model_cfg, cfg, dist_info, tokenizer, model, stage_args), args
+        where = f"the checkpoint {cfg.init_from}" if cfg.init_from else f"--vocab_size {model_cfg.vocab_size}"
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but {where} gives the model only "
+                         f"{model_cfg.vocab_size}; use a matching tokenizer or a larger vocabulary")
+    on_demo = bool(defaults.get("data_path")) and cfg.data_path == defaults["data_path"]
+    return Stage(model_cfg, cfg, dist_info, tokenizer, model, stage_args, on_demo), args
 
 
 def build_on_main_first(dist_info: DistInfo, build: Callable):
@@ -477,3 +550,18 @@ def build_on_main_first(dist_info: DistInfo, build: Callable):
         if dist_info.enabled:
             dist.barrier()
     return result
+
+
+def load_datasets(stage: Stage, build: Callable):
+    """(training set, held-out set or None): `build(path)` on --data_path, and on --eval_data_path
+    or a seeded --eval_split of the training rows (rank 0 builds first, the others reuse its caches)."""
+    from minillm.data import holdout_split
+    cfg = stage.cfg
+    dataset = build_on_main_first(stage.dist, lambda: build(cfg.data_path))
+    if cfg.eval_data_path and cfg.eval_split:
+        raise ValueError("give --eval_data_path or --eval_split, not both")
+    if cfg.eval_data_path:
+        return dataset, build_on_main_first(stage.dist, lambda: build(cfg.eval_data_path))
+    if cfg.eval_split:
+        return holdout_split(dataset, cfg.eval_split, cfg.seed)
+    return dataset, None

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minillm.checkpoint import load_checkpoint  # noqa: E402
-from minillm.dpo import preference_margins  # noqa: E402
+from minillm.preference import preference_margins  # noqa: E402
 from minillm.evaluation import heldout_accuracy, read_heldout  # noqa: E402
 from minillm.lora import load_lora  # noqa: E402
 from minillm.reasoning import evaluate_reasoning  # noqa: E402

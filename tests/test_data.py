@@ -5,9 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from torch.utils.data import DataLoader
+
 from minillm import data
 from minillm.data import (DataError, DPODataset, LengthGroupedBatchSampler, PretrainDataset, ShardedBatchSampler, SFTDataset,
-                          ShardedSampler, build_dataloader, build_token_cache, dpo_collate, pad_collate, read_jsonl)
+                          build_token_cache, dpo_collate, holdout_split, pad_collate, packed_collate, read_jsonl)
+from minillm.data import jsonl as jsonl_module
+from minillm.data import pretrain as pretrain_module
 
 
 class FakeTokenizer:
@@ -73,15 +77,16 @@ def test_packing_boundaries(tmp_path, tok):
     assert np.array_equal(np.asarray(ds.tokens), expected)  # EOS exactly after every document
     assert len(ds) == (len(expected) - 1) // 8
     for i in range(len(ds)):
-        item = ds[i]
-        assert item["input_ids"].dtype == torch.int64 and item["input_ids"].shape == (8,)
-        assert torch.equal(item["input_ids"][1:], item["labels"][:-1])  # shifted by one
-        assert item["input_ids"].tolist() == expected[i * 8: i * 8 + 8]
+        row = ds[i]  # 8 inputs and the 8 targets shifted by one: 9 ids
+        assert row.dtype == torch.int64 and row.shape == (9,)
+        assert row.tolist() == expected[i * 8: i * 8 + 9]
         if i:  # rows overlap by one: the last target of row i-1 is the first input of row i
-            assert ds[i - 1]["labels"][-1] == item["input_ids"][0]
+            assert ds[i - 1][-1] == row[0]
     # every token after the first is a target exactly once
-    targets = torch.cat([ds[i]["labels"] for i in range(len(ds))]).tolist()
+    targets = torch.cat([ds[i][1:] for i in range(len(ds))]).tolist()
     assert targets == expected[1: 1 + len(ds) * 8]
+    batch = packed_collate([ds[0], ds[1]])
+    assert batch["ids"].shape == (2, 9) and batch["n_targets"] == batch["n_tokens"] == 16
 
 
 def test_corpus_shorter_than_a_row(tmp_path, tok):
@@ -118,7 +123,7 @@ def test_half_written_cache_is_not_trusted(tmp_path, fake):
 
 
 def test_cache_same_with_one_and_two_workers(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(data, "_CHUNK_BYTES", 200)  # many chunks, so order across workers matters
+    monkeypatch.setattr(jsonl_module, "_CHUNK_BYTES", 200)  # many chunks, so order across workers matters
     rows = [{"text": f"doc {i} " + "xyz" * (i % 7)} for i in range(300)]
     a = build_token_cache(write_jsonl(tmp_path / "a.jsonl", rows), tok, num_workers=1)
     b = build_token_cache(write_jsonl(tmp_path / "b.jsonl", rows), tok, num_workers=2)
@@ -128,7 +133,7 @@ def test_cache_same_with_one_and_two_workers(tmp_path, tok, monkeypatch):
 def test_unwritable_source_dir_falls_back_to_cache_dir(tmp_path, tok, monkeypatch):
     src = write_jsonl(tmp_path / "pre.jsonl", [{"text": "some text"}])
     monkeypatch.setenv("MINILLM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(data.os, "access", lambda p, mode: False)
+    monkeypatch.setattr(pretrain_module.os, "access", lambda p, mode: False)
     path = build_token_cache(src, tok, num_workers=0)
     assert path.parent == tmp_path / "cache"
     assert build_token_cache(src, tok, num_workers=0) == path
@@ -193,53 +198,63 @@ def take(it, k):
     return [next(it) for _ in range(k)]
 
 
-def test_sampler_ranks_interleave_single_process_order():
-    n, b = 103, 4
-    single = list(ShardedSampler(n, seed=7))
-    ranks = [list(ShardedSampler(n, rank=r, world_size=2, seed=7)) for r in range(2)]
-    assert sorted(single) == list(range(n))
-    assert len(ranks[0]) == len(ranks[1]) == n // 2
-    for step in range(len(ranks[0]) // b):  # per-rank batch b == single-process batch 2b
-        global_batch = ranks[0][step * b:(step + 1) * b] + ranks[1][step * b:(step + 1) * b]
-        assert set(global_batch) == set(single[step * 2 * b:(step + 1) * 2 * b])
+def rows_per_step(sampler_of, world_size, accumulation_steps, epoch=0):
+    """[set of rows] per optimizer step, gathered over every rank's micro-batches."""
+    per_rank = []
+    for rank in range(world_size):
+        sampler = sampler_of(rank)
+        sampler.set_epoch(epoch)
+        per_rank.append(list(sampler))
+    n_micro = len(per_rank[0])
+    assert all(len(r) == n_micro for r in per_rank) and n_micro % accumulation_steps == 0
+    steps = []
+    for start in range(0, n_micro, accumulation_steps):
+        rows = [i for r in per_rank for mb in r[start: start + accumulation_steps] for i in mb]
+        assert all(len(mb) > 0 for r in per_rank for mb in r[start: start + accumulation_steps])
+        steps.append(sorted(rows))
+    return steps
 
 
-def test_sampler_resume_and_epochs():
-    s = ShardedSampler(50, rank=1, world_size=2, seed=3)
-    s.set_epoch(2)
-    full = list(s)
-    state = s.state_dict(consumed=9)
-    resumed = ShardedSampler(50, rank=1, world_size=2, seed=3)
-    resumed.load_state_dict(state)
-    assert list(resumed) == full[9:] and len(resumed) == len(full) - 9
-    # the same global position resumes on one process too
-    one = ShardedSampler(50, seed=3)
-    one.load_state_dict(state)
-    one_full = ShardedSampler(50, seed=3)
-    one_full.set_epoch(2)
-    assert list(one) == list(one_full)[18:]
-
-    s.set_epoch(3)
-    other_rank = ShardedSampler(50, rank=0, world_size=2, seed=3)
-    other_rank.set_epoch(3)
-    assert list(s) != full and sorted(list(s) + list(other_rank)) == list(range(50))
-    assert list(ShardedSampler(10, shuffle=False)) == list(range(10))
-    with pytest.raises(ValueError, match="data or seed changed"):
-        ShardedSampler(51, rank=1, world_size=2, seed=3).load_state_dict(state)
+SPLITS = [(8, 1, 1), (2, 1, 4), (4, 2, 1), (1, 2, 4), (2, 4, 1)]  # batch x ranks x accumulation = 8
 
 
-def test_sharded_batch_sampler_matches_single_process_and_resumes():
-    single = list(ShardedBatchSampler(70, batch_size=8, seed=5))
-    ranks = [list(ShardedBatchSampler(70, batch_size=4, rank=r, world_size=2, seed=5)) for r in range(2)]
-    assert len(single) == len(ranks[0]) == len(ranks[1]) == 70 // 8
-    for one, r0, r1 in zip(single, *ranks):
-        assert set(one) == set(r0) | set(r1) and len(r0) == len(r1) == 4
-    s = ShardedBatchSampler(70, batch_size=4, rank=1, world_size=2, seed=5)
-    s.set_epoch(1, 3)  # the trainer's resume call: epoch 1, batch 3
-    assert len(s) == 8 - 3
-    full = ShardedBatchSampler(70, batch_size=4, rank=1, world_size=2, seed=5)
-    full.set_epoch(1)
-    assert list(s) == list(full)[3:] and list(full) != ranks[1]
+@pytest.mark.parametrize("batch, world, accum", SPLITS)
+def test_sharded_sampler_steps_do_not_depend_on_the_split(batch, world, accum):
+    """Which rows train together in an optimizer step depends on batch x ranks x accumulation only."""
+    one = rows_per_step(lambda r: ShardedBatchSampler(70, 8, seed=5), 1, 1)
+    split = rows_per_step(lambda r: ShardedBatchSampler(70, batch, r, world, accum, seed=5), world, accum)
+    assert split == one and len(one) == 70 // 8
+    assert sorted(i for step in one for i in step) == sorted(set(i for step in one for i in step))  # no repeats
+
+
+@pytest.mark.parametrize("batch, world, accum", SPLITS)
+def test_length_grouped_steps_do_not_depend_on_the_split(batch, world, accum):
+    lengths = np.random.default_rng(0).integers(1, 200, size=200)
+    one = rows_per_step(lambda r: LengthGroupedBatchSampler(lengths, 8, seed=1, mega_batch_mult=4), 1, 1)
+    split = rows_per_step(lambda r: LengthGroupedBatchSampler(lengths, batch, r, world, accum, seed=1,
+                                                              mega_batch_mult=4), world, accum)
+    assert split == one
+    assert sorted(i for step in one for i in step) == list(range(200))  # every row once
+
+
+def test_short_last_step_is_kept_when_every_micro_batch_gets_a_row():
+    lengths = np.random.default_rng(0).integers(1, 200, size=203)  # 25 steps of 8 and one of 3
+    rows = [i for step in rows_per_step(lambda r: LengthGroupedBatchSampler(lengths, 8, seed=1), 1, 1) for i in step]
+    assert sorted(rows) == list(range(203))
+    # split into 2 ranks x 2 micro-batches, 3 rows cannot give each a row: that step is left out
+    steps = rows_per_step(lambda r: LengthGroupedBatchSampler(lengths, 2, r, 2, 2, seed=1), 2, 2)
+    assert len(steps) == 25 and all(len(step) == 8 for step in steps)
+
+
+def test_samplers_resume_mid_epoch():
+    for make in (lambda: ShardedBatchSampler(70, 4, rank=1, world_size=2, accumulation_steps=2, seed=5),
+                 lambda: LengthGroupedBatchSampler(np.arange(70) % 17 + 1, 4, 1, 2, 2, seed=5, mega_batch_mult=2)):
+        full, resumed = make(), make()
+        full.set_epoch(1)
+        resumed.set_epoch(1, 4)  # the trainer's resume call: epoch 1, four micro-batches done
+        assert list(resumed) == list(full)[4:] and len(resumed) == len(full) - 4
+        other_epoch = make()
+        assert list(other_epoch) != list(full)  # epoch 0's order differs
 
 
 def test_length_grouped_batches():
@@ -247,46 +262,54 @@ def test_length_grouped_batches():
     lengths = rng.integers(1, 200, size=500)
     single = list(LengthGroupedBatchSampler(lengths, batch_size=8, seed=1, mega_batch_mult=4))
     assert sorted(i for b in single for i in b) == list(range(500))  # every row once
-    ranks = [list(LengthGroupedBatchSampler(lengths, 4, rank=r, world_size=2, seed=1, mega_batch_mult=4))
-             for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == len(single)
-    for one, r0, r1 in zip(single, *ranks):
-        assert set(one) == set(r0) | set(r1)  # same global batches as one process with 2x batch
 
     def padded(batches):
         return sum(len(b) * lengths[b].max() for b in batches) / sum(lengths[b].sum() for b in batches)
     random_batches = [np.arange(500)[i:i + 8] for i in range(0, 500, 8)]
     assert padded(single) < 1.25 and padded(random_batches) > 1.6
+    # with accumulation, each micro-batch still holds neighbours in length
+    accumulated = list(LengthGroupedBatchSampler(lengths, batch_size=2, accumulation_steps=4, seed=1, mega_batch_mult=4))
+    assert padded(accumulated) < 1.25
 
-    s = LengthGroupedBatchSampler(lengths, 8, seed=1, mega_batch_mult=4)
-    s.set_epoch(1)
-    full = list(s)
-    assert full != single
-    r = LengthGroupedBatchSampler(lengths, 8, seed=1, mega_batch_mult=4)
-    r.load_state_dict(s.state_dict(consumed=5))
-    assert list(r) == full[5:] and len(r) == len(full) - 5
+
+def test_holdout_split_is_seeded_and_disjoint():
+    class Rows:
+        lengths = np.arange(100) + 1
+
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, i):
+            return i
+    train, held = holdout_split(Rows(), 0.1, seed=3)
+    assert len(held) == 10 and len(train) == 90
+    assert set(train[i] for i in range(90)).isdisjoint(held[i] for i in range(10))
+    assert held.lengths.tolist() == [held[i] + 1 for i in range(10)]
+    again, _ = holdout_split(Rows(), 0.1, seed=3)
+    assert list(again.indices) == list(train.indices)
+    with pytest.raises(ValueError, match="eval_split"):
+        holdout_split(Rows(), 1.5, seed=3)
 
 
 # ---------------------------------------------------------------------------------------------- SFT / DPO
 
 def expected_row(tok, messages, max_seq_len):
     ids, mask = tok.render_chat(messages)
-    ids, mask = ids[:max_seq_len + 1], mask[:max_seq_len + 1]
-    return ids[:-1], [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
+    return ids[:max_seq_len + 1], [bool(m) for m in mask[:max_seq_len + 1]]
 
 
-def test_sft_labels_are_masked_targets(tmp_path, tok):
+def test_sft_items_are_the_rendered_conversation(tmp_path, tok):
     three_turns = [{"role": "system", "content": "be brief"}] + conv("hi", "hello!", "2+2?", "4", "bye", "ciao")
     src = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": three_turns}, {"conversations": conv("q", "a")}])
     ds = SFTDataset(src, tok, max_seq_len=512, num_workers=0)
     assert len(ds) == 2
     item = ds[0]
-    ids, labels = expected_row(tok, three_turns, 512)
-    assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
-    # the learned tokens are exactly the three assistant answers, each followed by <|im_end|>
-    learned = [t for t in labels if t != -100]
+    ids, mask = expected_row(tok, three_turns, 512)
+    assert item["ids"].tolist() == ids and item["loss_mask"].tolist() == mask
+    # the masked tokens are exactly the three assistant answers, each followed by <|im_end|>
+    learned = [t for t, m in zip(ids, mask) if m]
     assert learned == [t for a in ("hello!", "4", "ciao") for t in tok.encode(a) + [tok.im_end_id]]
-    assert ds.lengths.tolist() == [len(ds[0]["input_ids"]), len(ds[1]["input_ids"])]
+    assert ds.lengths.tolist() == [len(ds[0]["ids"]) - 1, len(ds[1]["ids"]) - 1]
 
 
 def test_sft_truncation_and_rows_with_nothing_to_learn(tmp_path, tok):
@@ -296,10 +319,10 @@ def test_sft_truncation_and_rows_with_nothing_to_learn(tmp_path, tok):
     ds = SFTDataset(src, tok, max_seq_len=40, num_workers=0)
     assert len(ds) == 1 and ds.n_no_target == 1 and "1 rows skipped" in ds.report()
     item = ds[0]
-    ids, labels = expected_row(tok, long_answer, 40)
-    assert len(item["input_ids"]) == len(item["labels"]) == 40
-    assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
-    assert item["labels"][-1] != -100  # the answer runs to the row's end, its last target is real
+    ids, mask = expected_row(tok, long_answer, 40)
+    assert len(item["ids"]) == len(item["loss_mask"]) == 41  # 40 inputs + the last target
+    assert item["ids"].tolist() == ids and item["loss_mask"].tolist() == mask
+    assert item["loss_mask"][-1]  # the answer runs to the row's end, its last target is real
 
 
 def test_sft_system_prompt_insertion_is_deterministic(tmp_path, tok):
@@ -312,24 +335,26 @@ def test_sft_system_prompt_insertion_is_deterministic(tmp_path, tok):
 
     def has_prompt(item, prompt):
         ids = tok.encode(prompt)
-        return item["input_ids"][start:start + len(ids)].tolist() == ids
+        return item["ids"][start:start + len(ids)].tolist() == ids
     sys_a = [has_prompt(a[i], "SYS-A") for i in range(len(a))]
     sys_b = [has_prompt(a[i], "SYS-B") for i in range(len(a))]
     assert 5 < sum(sys_a) + sum(sys_b) < 35 and sum(sys_a) > 0 and sum(sys_b) > 0
     assert not sys_a[-1] and not sys_b[-1]  # a conversation with its own system prompt keeps it
-    assert all(torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(len(a)))
+    assert all(torch.equal(a[i]["ids"], b[i]["ids"]) for i in range(len(a)))
 
 
-def test_pad_collate_padding_fraction_by_hand(tmp_path, fake):
+def test_pad_collate_by_hand(tmp_path, fake):
     tok = fake
     collate = pad_collate(tok.pad_id)
-    items = [{"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([6, -100])},
-             {"input_ids": torch.tensor([7, 8, 9, 10]), "labels": torch.tensor([8, 9, 10, 11])}]
+    items = [{"ids": torch.tensor([5, 6, 7]), "loss_mask": torch.tensor([False, True, False])},
+             {"ids": torch.tensor([7, 8, 9, 10, 11]), "loss_mask": torch.tensor([False, False, True, True, True])}]
     batch = collate(items)
-    assert batch["input_ids"].tolist() == [[5, 6, 0, 0], [7, 8, 9, 10]]
-    assert batch["labels"].tolist() == [[6, -100, -100, -100], [8, 9, 10, 11]]
+    assert batch["ids"].tolist() == [[5, 6, 7, 0, 0], [7, 8, 9, 10, 11]]
+    assert batch["loss_mask"].tolist() == [[False, True, False, False, False], [False, False, True, True, True]]
+    # counts the trainer totals per step: real input positions and targets (mask after the first token)
+    assert batch["n_tokens"] == 2 + 4 and batch["n_targets"] == 1 + 3 and batch["n_rows"] == 2
     assert collate.padding_fraction() == pytest.approx(2 / 8)
-    collate([{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([2, 3, 4])}])
+    collate([{"ids": torch.tensor([1, 2, 3, 4]), "loss_mask": torch.ones(4, dtype=torch.bool)}])
     assert collate.padding_fraction() == pytest.approx(2 / 11)
 
 
@@ -341,8 +366,8 @@ def test_sft_dataloader_counts_padding_across_workers(tmp_path, tok):
     expected_total = sum(len(b) * int(ds.lengths[b].max()) for b in sampler)
     for workers in (0, 2):
         collate = pad_collate(tok.pad_id)
-        loader = build_dataloader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
-        assert sum(int(b["input_ids"].numel()) for b in loader) == expected_total
+        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+        assert sum(b["n_tokens"] for b in loader) == expected_real
         assert collate.padding_fraction() == pytest.approx(1 - expected_real / expected_total)
 
 
@@ -353,16 +378,18 @@ def test_dpo_items_and_collate(tmp_path, tok):
     ds = DPODataset(src, tok, max_seq_len=64, num_workers=0)
     item = ds[0]
     for side, messages in (("chosen", chosen), ("rejected", rejected)):
-        ids, labels = expected_row(tok, messages, 64)
-        assert item[f"{side}_input_ids"].tolist() == ids and item[f"{side}_labels"].tolist() == labels
+        ids, mask = expected_row(tok, messages, 64)
+        assert item[f"{side}_ids"].tolist() == ids and item[f"{side}_loss_mask"].tolist() == mask
 
     batch = dpo_collate(tok.pad_id)([ds[0], ds[1]])
-    longest = max(len(ds[i][k]) for i in range(2) for k in ("chosen_input_ids", "rejected_input_ids"))
-    assert {tuple(t.shape) for t in batch.values()} == {(2, longest)}
+    longest = max(len(ds[i][f"{s}_ids"]) for i in range(2) for s in ("chosen", "rejected"))
+    assert {tuple(batch[k].shape) for k in ("chosen_ids", "chosen_loss_mask", "rejected_ids",
+                                             "rejected_loss_mask")} == {(2, longest)}
     for side in ("chosen", "rejected"):
         for i in range(2):
-            n = len(ds[i][f"{side}_input_ids"])
-            assert batch[f"{side}_input_ids"][i, n:].eq(tok.pad_id).all()
-            assert batch[f"{side}_labels"][i, n:].eq(-100).all()
-            assert torch.equal(batch[f"{side}_labels"][i, :n], ds[i][f"{side}_labels"])
-    torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # one forward for both
+            n = len(ds[i][f"{side}_ids"])
+            assert batch[f"{side}_ids"][i, n:].eq(tok.pad_id).all()
+            assert not batch[f"{side}_loss_mask"][i, n:].any()
+            assert torch.equal(batch[f"{side}_loss_mask"][i, :n], ds[i][f"{side}_loss_mask"])
+        assert batch[f"n_{side}_targets"] == sum(int(ds[i][f"{side}_loss_mask"][1:].sum()) for i in range(2))
+    assert batch["n_rows"] == 2

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import train_distill_reason
 from minillm.checkpoint import save_checkpoint
 from minillm.config import ModelConfig
-from minillm.data import ReasoningDataset, pad_collate
+from minillm.data import SFTDataset
 from minillm.model import MiniLLM
 from minillm.reasoning import answer_matches, evaluate_reasoning, extract_answer, is_well_formed, parse_reply
 from minillm.tokenizer import Tokenizer
@@ -35,8 +35,16 @@ def tok():
 def reasoning_batch(tok, tmp_path_factory):
     path = tmp_path_factory.mktemp("r1") / "r1.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
-    ds = ReasoningDataset(path, tok, max_seq_len=128)
-    return pad_collate(tok.pad_id)([ds[i] for i in range(len(ds))])
+    ds = SFTDataset(path, tok, max_seq_len=128)
+    batch = train_distill_reason.TagCountingCollate(tok.pad_id, tok.think_tag_ids)([ds[i] for i in range(len(ds))])
+    ids, mask = batch["ids"], batch["loss_mask"]
+    batch["input_ids"], batch["labels"] = ids[:, :-1], ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+    return batch
+
+
+def one_step(batch):
+    return {"n_targets": float(batch["n_targets"]), "n_tag_targets": float(batch["n_tag_targets"]),
+            "micro_batches": 1.0}
 
 
 def test_tag_weight_lands_exactly_on_tag_targets(tok, reasoning_batch):
@@ -60,14 +68,16 @@ def test_weighted_loss_matches_direct_formula(tok, reasoning_batch):
     torch.manual_seed(0)
     model = MiniLLM(ModelConfig.preset("debug", vocab_size=tok.vocab_size, kernel_backend="torch"))
     loss_fn = train_distill_reason.make_reason_loss(tok.think_tag_ids, 10.0)
-    loss, _ = loss_fn(model, reasoning_batch)
+    assert reasoning_batch["n_tag_targets"] == 4 * 3  # four tags per reply, counted by the collate
+    loss, _ = loss_fn(model, reasoning_batch, one_step(reasoning_batch))
     ids, labels = reasoning_batch["input_ids"], reasoning_batch["labels"]
     nll = -model.token_logprobs(ids, labels)
     is_tag = torch.isin(labels, torch.tensor(tok.think_tag_ids))
     w = torch.where(is_tag, 10.0, 1.0) * (labels != -100)
     torch.testing.assert_close(loss, (nll * w).sum() / w.sum())
     # tag_weight 1 is plain SFT
-    plain, _ = train_distill_reason.make_reason_loss(tok.think_tag_ids, 1.0)(model, reasoning_batch)
+    plain, _ = train_distill_reason.make_reason_loss(tok.think_tag_ids, 1.0)(model, reasoning_batch,
+                                                                             one_step(reasoning_batch))
     torch.testing.assert_close(plain, F.cross_entropy(model(ids).flatten(0, 1), labels.flatten(), ignore_index=-100))
 
 
@@ -135,12 +145,12 @@ def test_train_distill_reason_runs_end_to_end(tok, tmp_path):
     held.write_text('{"question": "Please compute 1 + 2.", "answer": "3"}\n'
                     '{"question": "计算3加4。", "answer": "7"}\n', encoding="utf-8")
     trainer = train_distill_reason.main([
-        "--init_from", str(tmp_path / "sft"), "--data_path", str(data), "--eval_path", str(held),
-        "--eval_max_new_tokens", "8", "--save_dir", str(tmp_path / "out"), "--max_steps", "2",
+        "--init_from", str(tmp_path / "sft"), "--data_path", str(data), "--report_path", str(held),
+        "--report_max_new_tokens", "8", "--save_dir", str(tmp_path / "out"), "--max_steps", "2",
         "--batch_size", "4", "--device", "cpu", "--num_workers", "0", "--use_tensorboard", "0",
         "--use_compile", "0"])
     assert trainer.step == 2
     assert (tmp_path / "out" / "reason" / "model.safetensors").is_file()
     assert trainer.reasoning_report.n == 2
     saved = yaml.safe_load((tmp_path / "out" / "reason" / "config.yaml").read_text())
-    assert saved["stage"]["tag_weight"] == 10.0 and saved["stage"]["eval_max_new_tokens"] == 8
+    assert saved["stage"]["tag_weight"] == 10.0 and saved["stage"]["report_max_new_tokens"] == 8

@@ -107,15 +107,31 @@ def test_loss_ignores_masked_labels_and_matches_logits():
         logits = model(x)
         expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         assert model(x, labels=labels).loss.item() == pytest.approx(expected.item(), rel=1e-5)
-        # weights of 1 give the same loss; a weight of 0 behaves like a mask
-        ones = torch.ones(2, 10)
-        assert model(x, labels=labels, loss_weights=ones).loss.item() == pytest.approx(expected.item(), rel=1e-5)
-        w = ones.clone()
-        w[1, 5:] = 0
-        lab2 = labels.clone()
-        lab2[1, 5:] = -100
-        assert model(x, labels=labels, loss_weights=w).loss.item() == pytest.approx(
-            model(x, labels=lab2).loss.item(), rel=1e-5)
+        # "sum" is the mean times the counted positions; "none" is per position, 0 where masked
+        n = (labels != -100).sum()
+        assert model(x, labels=labels, reduction="sum").ce_loss.item() == pytest.approx(expected.item() * n.item(),
+                                                                                         rel=1e-5)
+        per_token = model(x, labels=labels, reduction="none").ce_loss
+        assert per_token.shape == (2, 10) and per_token[0, :4].eq(0).all()
+        by_hand = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                    reduction="none").view(2, 10)
+        torch.testing.assert_close(per_token, by_hand)
+        with pytest.raises(ValueError, match="reduction"):
+            model(x, labels=labels, reduction="max")
+
+
+def test_moe_top1_renormalises_like_transformers():
+    """norm_topk_prob at k = 1 makes the single gate weight 1 (transformers' Qwen2-MoE renormalises for
+    every k); without the flag it stays the softmax probability."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 64)
+    for norm in (True, False):
+        moe = MiniLLM(ModelConfig.preset("debug", vocab_size=512, use_moe=True, num_experts_per_tok=1,
+                                         norm_topk_prob=norm, kernel_backend="torch")).model.layers[0].mlp
+        ids, weights, probs = moe.route(x)
+        expected = torch.ones(6, 1) if norm else probs.gather(-1, ids)
+        torch.testing.assert_close(weights, expected)
+        assert (weights < 1).all() != norm
 
 
 def test_token_logprobs_zero_on_masked_positions():

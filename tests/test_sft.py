@@ -10,7 +10,7 @@ import train_full_sft
 from minillm.checkpoint import load_checkpoint, save_checkpoint
 from minillm.config import ModelConfig
 from minillm.data import IGNORE_INDEX, LengthGroupedBatchSampler, SFTDataset, pad_collate
-from minillm.model import MiniLLM
+from minillm.model import LossOutput, MiniLLM
 from minillm.tokenizer import Tokenizer
 
 TOK = Tokenizer.load()
@@ -37,10 +37,26 @@ def expected_targets(messages):
     return [ids for m in messages if m["role"] == "assistant" for ids in TOK.encode(m["content"]) + [TOK.im_end_id]]
 
 
+class Recorder(torch.nn.Module):
+    """Stands in for the model: keeps the (input_ids, labels) the stage's loss hands it."""
+
+    def forward(self, input_ids, labels=None, reduction="mean"):
+        self.input_ids, self.labels = input_ids, labels
+        zero = torch.zeros((), requires_grad=True)
+        return LossOutput(zero, zero, zero.detach(), zero)
+
+
+def stage_view(batch):
+    """What train_full_sft.sft_loss trains on for this batch: its inputs and labels."""
+    recorder = Recorder()
+    train_full_sft.sft_loss(recorder, batch, {"n_targets": 1.0, "micro_batches": 1.0})
+    return {**batch, "input_ids": recorder.input_ids, "labels": recorder.labels}
+
+
 def batch_of(path, max_seq_len, **kwargs):
     ds = SFTDataset(path, TOK, max_seq_len, **kwargs)
     collate = pad_collate(TOK.pad_id)
-    return ds, collate, collate([ds[i] for i in range(len(ds))])
+    return ds, collate, stage_view(collate([ds[i] for i in range(len(ds))]))
 
 
 def test_labels_are_exactly_the_assistant_turns_of_a_three_turn_conversation(tmp_path):
@@ -58,8 +74,8 @@ def test_labels_are_exactly_the_assistant_turns_of_a_three_turn_conversation(tmp
     assert "helpful" not in decoded and "assistant" not in decoded
     # the short row: padded with pad_id, and padding is never a target
     short_ids, _ = TOK.render_chat(SHORT)
-    n = len(short_ids) - 1
-    assert batch["input_ids"][1, n:].eq(TOK.pad_id).all() and batch["labels"][1, n:].eq(IGNORE_INDEX).all()
+    n = len(short_ids)
+    assert batch["input_ids"][1, n:].eq(TOK.pad_id).all() and batch["labels"][1, n - 1:].eq(IGNORE_INDEX).all()
     assert TOK.decode(batch["labels"][1][batch["labels"][1] != IGNORE_INDEX].tolist()) == "Hello!<|im_end|>"
     assert 0 < collate.padding_fraction() < 1
 
@@ -90,7 +106,8 @@ def test_truncation_cuts_ids_and_mask_together(tmp_path):
 def test_random_system_prompt_is_inserted_and_never_trained(tmp_path):
     path = write_jsonl(tmp_path / "sft.jsonl", [SHORT])
     ds = SFTDataset(path, TOK, 512, system_prompts=["你是一个乐于助人的助手。"], system_prompt_prob=1.0)
-    item = ds[0]
+    view = stage_view(pad_collate(TOK.pad_id)([ds[0]]))
+    item = {"input_ids": view["input_ids"][0], "labels": view["labels"][0]}
     assert TOK.decode(item["input_ids"].tolist()).startswith("<|im_start|>system\n你是一个乐于助人的助手。<|im_end|>")
     assert TOK.decode(item["labels"][item["labels"] != IGNORE_INDEX].tolist()) == "Hello!<|im_end|>"
 
@@ -120,6 +137,7 @@ def test_train_full_sft_runs_and_saves(tmp_path, capsys):
 
 
 def test_length_grouping_keeps_padding_low():
+    torch.manual_seed(0)
     lengths = torch.randint(5, 200, (512,)).numpy()
     sampler = LengthGroupedBatchSampler(lengths, 8, seed=0)
     batches = list(sampler)

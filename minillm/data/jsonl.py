@@ -1,0 +1,240 @@
+"""Reading the user's jsonl: validation with `file:line` errors, and a parallel, order-preserving
+map over a file's lines (the token cache and the chat datasets tokenize through it).
+
+Formats (MiniMind's, so its public datasets drop in):
+    pretrain   {"text": "..."}
+    SFT        {"conversations": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    DPO        {"chosen": [messages], "rejected": [messages]}
+    reasoning  SFT format; the tokenizer renders an assistant `reasoning_content` field itself.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import pickle
+import sys
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+SKIP_HINT = "fix the line or pass --skip_bad_lines to skip such lines"
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A problem in the user's data, always phrased as `file:line: reason (what to do)`."""
+
+
+@dataclass
+class BadLineReport:
+    """Counts the lines skipped with skip_bad=True; `str(report)` is the line a script prints."""
+    path: str
+    count: int = 0
+    first: str | None = None  # "file:line: reason" of the first skipped line
+
+    def add(self, where: str) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = where
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def __str__(self) -> str:
+        if not self.count:
+            return f"no bad lines in {self.path}"
+        return f"skipped {self.count} bad lines in {self.path} (first: {self.first})"
+
+
+def _type_name(t) -> str:
+    return {str: "a string", list: "a list", dict: "an object", int: "an integer"}.get(t, t.__name__)
+
+
+def _check_messages(messages: Any, field: str) -> None:
+    """Raises ValueError(reason) unless `messages` is a list of {role, content} messages."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f'"{field}" must be a non-empty list of messages')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f'"{field}"[{i}] is not an object')
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ValueError(f'"{field}"[{i}] has role {role!r}; expected one of {", ".join(ROLES)}')
+        if not isinstance(content, str):
+            raise ValueError(f'"{field}"[{i}] ({role}) has no string "content"')
+        if not content and not (role == "assistant" and m.get("reasoning_content")):
+            raise ValueError(f'"{field}"[{i}] ({role}) has empty "content"')
+
+
+def check_sft(obj: dict) -> None:
+    _check_messages(obj["conversations"], "conversations")
+    if not any(m["role"] == "assistant" for m in obj["conversations"]):
+        raise ValueError('"conversations" has no assistant turn (nothing to learn from)')
+
+
+def check_dpo(obj: dict) -> None:
+    for field in ("chosen", "rejected"):
+        _check_messages(obj[field], field)
+        if obj[field][-1]["role"] != "assistant":
+            raise ValueError(f'"{field}" must end with an assistant turn')
+
+
+# name -> (required fields and types, structural check)
+FORMATS: dict[str, tuple[dict[str, type], Callable[[dict], None]]] = {
+    "pretrain": ({"text": str}, None),  # the field check is all a text row needs
+    "sft": ({"conversations": list}, check_sft),
+    "dpo": ({"chosen": list, "rejected": list}, check_dpo),
+}
+
+
+def parse_line(raw: bytes, required: dict[str, type], check: Callable[[dict], None] | None = None) -> dict:
+    """Parses one jsonl line; raises ValueError(reason) when it is bad."""
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError:
+        raise ValueError("not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    for field, ftype in required.items():
+        if field not in obj:
+            raise ValueError(f'missing field "{field}"')
+        if not isinstance(obj[field], ftype):
+            raise ValueError(f'field "{field}" must be {_type_name(ftype)}, got {type(obj[field]).__name__}')
+        if ftype in (str, list) and len(obj[field]) == 0:
+            raise ValueError(f'field "{field}" is empty')
+    if check is not None:
+        check(obj)
+    return obj
+
+
+def _bad_line(path, lineno: int, reason: str, skip_bad: bool, report: BadLineReport | None) -> None:
+    where = f"{path}:{lineno}: {reason}"
+    if not skip_bad:
+        raise DataError(f"{where} ({SKIP_HINT})")
+    if report is not None:
+        report.add(where)
+
+
+def check_exists(path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    return path
+
+
+def read_jsonl(path, required: dict[str, type] | None = None, skip_bad: bool = False,
+               check: Callable[[dict], None] | None = None,
+               report: BadLineReport | None = None) -> Iterator[tuple[int, dict]]:
+    """Streams `(line_number, obj)` from a jsonl file, one line in memory at a time.
+
+    `required` maps field -> type; `check` adds format-specific structure (see FORMATS). A bad
+    line raises DataError("file:line: reason (hint)"); with skip_bad=True it is skipped and
+    counted in `report`. Blank lines are ignored; line numbers are 1-based.
+    """
+    path = check_exists(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = parse_line(raw, required or {}, check)
+            except ValueError as e:
+                _bad_line(path, lineno, str(e), skip_bad, report)
+                continue
+            yield lineno, obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked, order-preserving parallel map over the lines of a jsonl file.
+# Workers parse, validate and tokenize; the parent only reads raw bytes and writes results, so
+# neither side ever holds the whole file. Pool.imap would read the whole input eagerly (its
+# feeder thread drains the iterator), so we keep a bounded window of apply_async results instead.
+
+_CHUNK_BYTES = 1 << 20
+_worker_state: dict = {}
+
+
+def _tokenizer_payload(tokenizer) -> tuple:
+    """What a worker needs to rebuild the tokenizer: its file if it has one, else a pickle."""
+    path = getattr(tokenizer, "path", None)
+    if path is not None and Path(path).is_file() and hasattr(type(tokenizer), "load"):
+        return ("load", type(tokenizer), str(path))
+    return ("pickle", pickle.dumps(tokenizer))
+
+
+def _init_worker(payload, job) -> None:
+    kind = payload[0]
+    tok = payload[1].load(payload[2]) if kind == "load" else pickle.loads(payload[1])
+    _worker_state.update(tokenizer=tok, job=job)
+
+
+def _run_chunk(chunk):
+    return _worker_state["job"](_worker_state["tokenizer"], chunk)
+
+
+def _read_chunks(path: Path) -> Iterator[list[tuple[int, bytes]]]:
+    chunk, size = [], 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            chunk.append((lineno, raw))
+            size += len(raw)
+            if size >= _CHUNK_BYTES:
+                yield chunk
+                chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _default_workers(path: Path) -> int:
+    if path.stat().st_size < 4 * _CHUNK_BYTES:
+        return 0  # process start-up costs more than it saves
+    return min(os.cpu_count() or 1, 16)
+
+
+def map_chunks(path: Path, tokenizer, job, num_workers: int | None, desc: str) -> Iterator:
+    """Yields `(job(tokenizer, chunk), chunk_bytes)` for each chunk of lines, in file order."""
+    from tqdm import tqdm
+
+    if num_workers is None:
+        num_workers = _default_workers(path)
+    bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
+               disable=None, leave=False)
+    chunks = _read_chunks(path)
+    try:
+        if num_workers <= 1:
+            for chunk in chunks:
+                yield job(tokenizer, chunk)
+                bar.update(sum(len(raw) for _, raw in chunk))
+            return
+        # fork is cheap and workers touch no torch state; elsewhere the platform default is used
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        with ctx.Pool(num_workers, _init_worker, (_tokenizer_payload(tokenizer), job)) as pool:
+            pending = deque()
+            for chunk in chunks:
+                pending.append((pool.apply_async(_run_chunk, (chunk,)), sum(len(r) for _, r in chunk)))
+                if len(pending) >= 2 * num_workers:
+                    result, n = pending.popleft()
+                    yield result.get()
+                    bar.update(n)
+            while pending:
+                result, n = pending.popleft()
+                yield result.get()
+                bar.update(n)
+    finally:
+        bar.close()
+
+
+def collect_bad(path, bad: list[tuple[int, str]], skip_bad: bool, report: BadLineReport) -> None:
+    for lineno, reason in bad:
+        _bad_line(path, lineno, reason, skip_bad, report)
+
+
+def in_worker() -> bool:
+    """True inside one of map_chunks' worker processes (each should then use one thread)."""
+    return bool(_worker_state)
