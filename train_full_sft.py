@@ -61,10 +61,12 @@ def main(argv=None):
     stage, args = prepare_stage(__doc__, STAGE_DEFAULTS, argv, extra_args=add_sft_args)
     cfg = stage.cfg
 
-    # rendered and masked once (rank 0 first); rows longer than max_seq_len + 1 are cut, mask with them
-    dataset, eval_set = load_datasets(stage, lambda path: SFTDataset(
-        path, stage.tokenizer, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines),
-        system_prompts=SYSTEM_PROMPTS, system_prompt_prob=args.system_prompt_prob, seed=cfg.seed))
+    # rendered and masked once (rank 0 first); rows longer than max_seq_len + 1 are cut, mask with them.
+    # The random system prompts augment training rows only; held-out rows are scored as written.
+    def build(path, system_prompt_prob=args.system_prompt_prob):
+        return SFTDataset(path, stage.tokenizer, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines),
+                          system_prompts=SYSTEM_PROMPTS, system_prompt_prob=system_prompt_prob, seed=cfg.seed)
+    dataset, eval_set = load_datasets(stage, build, build_eval=lambda path: build(path, 0.0))
     sampler = LengthGroupedBatchSampler(dataset.lengths, cfg.batch_size, stage.dist.rank, stage.dist.world_size,
                                         cfg.accumulation_steps, seed=cfg.seed)
     collate = pad_collate(stage.tokenizer.pad_id)

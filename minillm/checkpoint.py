@@ -102,7 +102,7 @@ def load_config(folder) -> tuple[ModelConfig, dict]:
     doc = load_yaml(folder / CONFIG)
     if "model" not in doc:
         raise ValueError(f"{folder / CONFIG} has no 'model' section")
-    return ModelConfig.from_dict(doc["model"]), doc
+    return ModelConfig.from_dict(doc["model"], where=f"{folder / CONFIG} [model]"), doc
 
 
 def load_weights(model, folder, strict: bool = True):

@@ -22,7 +22,8 @@ def _help(text: str, **kwargs):
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = _help("vocabulary size (must match the tokenizer)", default=6400)
+    vocab_size: int = _help("vocabulary size; a new model takes the tokenizer's unless this is given "
+                                   "(it may be larger, e.g. padded to a multiple of 64)", default=6400)
     hidden_size: int = _help("model width", default=512)
     num_hidden_layers: int = _help("number of decoder blocks", default=8)
     num_attention_heads: int = _help("query heads", default=8)

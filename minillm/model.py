@@ -2,7 +2,7 @@
 
 Parameter names follow Llama/Qwen (model.layers.N.self_attn.q_proj, ...), so weights map
 one-to-one onto the transformers formats. Every op with a fused kernel goes through
-`kernels.dispatch`, which picks Triton on CUDA and the torch reference elsewhere.
+`minillm.kernels.dispatch`, which picks Triton on CUDA and the torch reference elsewhere.
 """
 from __future__ import annotations
 

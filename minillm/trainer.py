@@ -552,16 +552,17 @@ def build_on_main_first(dist_info: DistInfo, build: Callable):
     return result
 
 
-def load_datasets(stage: Stage, build: Callable):
-    """(training set, held-out set or None): `build(path)` on --data_path, and on --eval_data_path
-    or a seeded --eval_split of the training rows (rank 0 builds first, the others reuse its caches)."""
+def load_datasets(stage: Stage, build: Callable, build_eval: Callable | None = None):
+    """(training set, held-out set or None): `build(path)` on --data_path, and `build_eval(path)`
+    (default: `build`; a stage passes one without training-only augmentation) on --eval_data_path,
+    or a seeded --eval_split of the training rows. Rank 0 builds first, the others reuse its caches."""
     from minillm.data import holdout_split
     cfg = stage.cfg
-    dataset = build_on_main_first(stage.dist, lambda: build(cfg.data_path))
     if cfg.eval_data_path and cfg.eval_split:
         raise ValueError("give --eval_data_path or --eval_split, not both")
+    dataset = build_on_main_first(stage.dist, lambda: build(cfg.data_path))
     if cfg.eval_data_path:
-        return dataset, build_on_main_first(stage.dist, lambda: build(cfg.eval_data_path))
+        return dataset, build_on_main_first(stage.dist, lambda: (build_eval or build)(cfg.eval_data_path))
     if cfg.eval_split:
         return holdout_split(dataset, cfg.eval_split, cfg.seed)
     return dataset, None
