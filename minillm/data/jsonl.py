@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from minillm.errors import UserError
+
 SKIP_HINT = "fix the line or pass --skip_bad_lines to skip such lines"
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem in the user's data, always phrased as `file:line: reason (what to do)`."""
 
 
