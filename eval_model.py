@@ -4,7 +4,7 @@
                                                               # then the demo held-out accuracy
     python eval_model.py --model_mode 1 --lora_name lora_medical
     python eval_model.py --model_mode 0                       # pretrain: continues raw text, no chat
-    python eval_model.py --interactive --history_cnt 4        # chat on stdin (Ctrl-D ends)
+    python eval_model.py --interactive --history_cnt 4        # chat on stdin (/help; Ctrl-D or /exit ends)
     python eval_model.py --checkpoint out/full_sft --eval_data dataset/demo/sft.jsonl   # loss / perplexity
     python eval_model.py --model_mode 0 --heldout dataset/demo/heldout_sft.jsonl        # held-out accuracy
 
@@ -12,19 +12,27 @@
 1 full_sft, 2 dpo, 3 reason; --checkpoint DIR loads any folder instead. --lora_name NAME loads
 the adapter in <save_dir>/NAME onto it. Held-out questions are always asked in chat format,
 even to a pretrained model (mode 0), which is why a pretrain-only model scores low there.
+
+Chat (--interactive) commands: /help, /clear, /system TEXT, /think on|off, /exit. A prompt longer
+than the model's context leaves room for (max_position_embeddings - --max_new_tokens) loses its
+oldest history, then its oldest tokens, with a notice. Ctrl-C stops a reply (the turn is not kept);
+at the prompt it clears the line, and a second one in a row quits, as Ctrl-D does.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from minillm.checkpoint import load_checkpoint, load_config
 from minillm.evaluation import demo_heldout_path, eval_loss, heldout_accuracy, read_heldout
-from minillm.generate import generate
+from minillm.errors import UserError
+from minillm.generate import PromptTooLongError, generate, prompt_room
 from minillm.lora import load_lora, read_lora_config
 from minillm.reasoning import evaluate_reasoning
 
@@ -66,7 +74,10 @@ def build_parser():
                    help="previous messages kept as context in chat (0 = every turn stands alone; default 0)")
     p.add_argument("--device", default="", help="cpu | cuda | cuda:N ('' = cuda if available)")
     p.add_argument("--show_speed", type=int, nargs="?", const=1, default=0, help="print decode tokens/s per reply")
-    p.add_argument("--interactive", type=int, nargs="?", const=1, default=0, help="chat on stdin until EOF")
+    p.add_argument("--interactive", type=int, nargs="?", const=1, default=0,
+                   help="chat on stdin until EOF or /exit (/help lists the commands)")
+    p.add_argument("--show_prompt", type=int, nargs="?", const=1, default=0,
+                   help="debug: print each prompt as the model sees it (token count and rendered text)")
     p.add_argument("--eval_data", default="", help="jsonl of any stage's format: print loss and perplexity on it")
     p.add_argument("--heldout", default="", help="heldout_*.jsonl: print the greedy-answer accuracy; default: the "
                                                  "demo set of this stage for demo checkpoints, 'none' = skip")
@@ -97,15 +108,17 @@ def is_demo_run(folder, lora: str, save_dir) -> bool:
     return "dataset/demo/" in str(doc.get("train", {}).get("data_path", ""))
 
 
-def reply(model, tok, prompt, args, chat: bool) -> str:
-    """Stream one reply to stdout; returns its text."""
+def reply(model, tok, prompt_ids, args) -> str:
+    """Stream one reply to stdout; returns its text. Ctrl-C (KeyboardInterrupt) ends the line and propagates."""
     start, first, pieces = time.perf_counter(), None, []
-    for piece in generate(model, tok, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, chat=chat, stream=True):
-        first = first or time.perf_counter()
-        pieces.append(piece)
-        print(piece, end="", flush=True)
-    print()
+    try:
+        for piece in generate(model, tok, prompt_ids, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, stream=True):
+            first = first or time.perf_counter()
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+    finally:
+        print()
     text = "".join(pieces)
     if args.show_speed:
         n = len(tok.encode(text))
@@ -115,14 +128,196 @@ def reply(model, tok, prompt, args, chat: bool) -> str:
     return text
 
 
-def chat_turn(model, tok, history: list, user_text: str, args, chat: bool) -> str:
-    if not chat:  # a pretrained model continues the text itself
-        return reply(model, tok, user_text, args, chat=False)
-    context = history[-args.history_cnt:] if args.history_cnt > 0 else []
-    messages = context + [{"role": "user", "content": user_text}]
-    answer = reply(model, tok, messages, args, chat=True)
-    history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
+# what `/think off` puts after the assistant header: an empty think block, so a reasoning model answers
+# directly (Qwen3's and MiniMind's "thinking disabled" template)
+THINK_OFF_PREFILL = "<think>\n\n</think>\n"
+
+
+def build_prompt(tok, config, history: list, user_text: str, args, chat: bool, system: str = "",
+                 think: bool = True):
+    """The prompt ids for one turn, fitted to the room the context leaves for --max_new_tokens.
+
+    Chat: [system] + the last --history_cnt messages + the user turn + the assistant header (+ the
+    empty think block when think=False). Too long: drop the oldest history messages, then (if still too
+    long) the system prompt when it alone leaves no room, then the oldest tokens of the user text.
+    Returns (ids, the user text as kept, a one-line notice or '').
+    """
+    room = prompt_room(config, args.max_new_tokens)
+    limit = config.max_position_embeddings
+    if not chat:  # raw continuation: only the text itself
+        ids = tok.encode(user_text)
+        if len(ids) <= room:
+            return ids, user_text, ""
+        if room < 1:
+            raise PromptTooLongError(len(ids), args.max_new_tokens, limit)
+        kept = ids[-room:]
+        return kept, tok.decode(kept), (f"[prompt too long: {len(ids)} tokens + {args.max_new_tokens} new exceed "
+                                        f"the model's {limit}-token context; kept its last {room} tokens]")
+    prefill = tok.encode(THINK_OFF_PREFILL) if not think else []
+    head = [{"role": "system", "content": system}] if system else []
+    context = list(history[-args.history_cnt:]) if args.history_cnt > 0 else []
+
+    def render(ctx, text):
+        return tok.render_prompt(head + ctx + [{"role": "user", "content": text}]) + prefill
+
+    ids = render(context, user_text)
+    full = len(ids)
+    if full <= room:
+        return ids, user_text, ""
+    dropped = []
+    n_history = 0
+    while context and len(ids) > room:  # oldest history first
+        context = context[1:]
+        n_history += 1
+        ids = render(context, user_text)
+    if n_history:
+        dropped.append(f"{n_history} oldest history message{'s' if n_history > 1 else ''}")
+    if len(ids) > room and head and len(render([], "")) >= room:  # the system prompt alone leaves no room
+        head = []
+        dropped.append("the system prompt")
+        ids = render([], user_text)
+    if len(ids) > room:  # then the oldest tokens of the prompt itself
+        content = tok.encode(user_text)
+        keep = room - len(render([], ""))
+        if keep < 1:
+            raise PromptTooLongError(len(render([], "x")), args.max_new_tokens, limit)
+        while True:  # decode/encode may merge differently at the cut: shrink until it fits
+            text = tok.decode(content[-keep:]).lstrip("\ufffd")  # no half character at the cut
+            ids = render([], text)
+            if len(ids) <= room or keep <= 1:
+                break
+            keep = max(1, keep - (len(ids) - room))
+        if len(ids) > room:
+            raise PromptTooLongError(len(ids), args.max_new_tokens, limit)
+        dropped.append(f"the first {len(content) - keep} of its {len(content)} tokens")
+        user_text = text
+    return ids, user_text, (f"[prompt too long: {full} tokens + {args.max_new_tokens} new exceed the model's "
+                            f"{limit}-token context; dropped " + ", ".join(dropped) + "]")
+
+
+def chat_turn(model, tok, history: list, user_text: str, args, chat: bool, system: str = "", think: bool = True,
+              label: str = "") -> str:
+    """One turn: fit the prompt, print the notice (if cut) and `label`, stream the reply. In chat the turn
+    (the user text as the model saw it) joins `history` once the reply is complete."""
+    ids, user_text, notice = build_prompt(tok, model.config, history, user_text, args, chat, system, think)
+    if notice:
+        print(notice)
+    if args.show_prompt:
+        print(f"[prompt: {len(ids)} tokens] {tok.decode(ids)!r}")
+    print(label, end="", flush=True)
+    answer = reply(model, tok, ids, args)
+    if chat:
+        history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
     return answer
+
+
+CHAT_COMMANDS = {
+    "/help": "list these commands",
+    "/clear": "forget the conversation so far (the system prompt stays)",
+    "/system TEXT": "use TEXT as the system prompt from the next turn on; /system alone removes it",
+    "/think on|off": "off: prefill an empty <think></think> block so a reasoning model answers directly; "
+                     "on: let it think (default)",
+    "/exit": "quit (so do Ctrl-D, and Ctrl-C twice at the prompt)",
+}
+EXIT = object()
+
+
+@dataclass
+class ChatState:
+    history: list = field(default_factory=list)
+    system: str = ""
+    think: bool = True
+
+
+def command_help() -> str:
+    width = max(map(len, CHAT_COMMANDS))
+    return "\n".join(f"  {name:<{width}}  {what}" for name, what in CHAT_COMMANDS.items()) + \
+        "\n  (a line starting with // sends the rest, starting with /, as text)"
+
+
+def run_command(line: str, state: ChatState, chat: bool):
+    """Apply a /command; returns EXIT for /exit."""
+    name, _, arg = line.partition(" ")
+    name, arg = name.lower(), arg.strip()
+    if name == "/exit":
+        return EXIT
+    if name == "/help":
+        print("commands:\n" + command_help())
+    elif name == "/clear":
+        state.history.clear()
+        print("[history cleared]")
+    elif name in ("/system", "/think") and not chat:
+        print(f"[{name} is for chat models; this one continues raw text]")
+    elif name == "/system":
+        state.system = arg
+        print(f"[system prompt set: {arg!r}]" if arg else "[system prompt removed]")
+    elif name == "/think":
+        if arg.lower() in ("on", "off"):
+            state.think = arg.lower() == "on"
+        elif arg:
+            print(f"[/think takes on or off, not {arg!r}]")
+            return None
+        print(f"[thinking {'on' if state.think else 'off: replies start after an empty think block'}]")
+    else:
+        print(f"[unknown command {name}; the commands are:]\n" + command_help())
+    return None
+
+
+def clean_text(text: str) -> str:
+    """Any str -> one sentencepiece can encode: lone surrogates (undecodable bytes read with
+    surrogateescape) become U+FFFD."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def prepare_stdio():
+    """Undecodable input bytes become U+FFFD instead of ending the chat, and so do characters the
+    terminal cannot show; line editing when stdin is a terminal."""
+    for stream in (sys.stdin, sys.stdout):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - input() gains editing and history
+        except ImportError:
+            pass
+
+
+def chat_loop(model, tok, args, chat: bool, read=input, state: ChatState | None = None) -> ChatState:
+    """Chat until EOF, /exit or a second Ctrl-C in a row at the prompt. `read(prompt)` returns a line
+    (raises EOFError at the end, KeyboardInterrupt on Ctrl-C), like input()."""
+    state = state or ChatState()
+    label = "assistant> " if chat else "model> "
+    print("type /help for commands; Ctrl-D or /exit quits")
+    interrupted = False
+    while True:
+        try:
+            line = read("user> ")
+        except EOFError:
+            print()
+            return state
+        except KeyboardInterrupt:
+            print()
+            if interrupted:  # twice in a row at the prompt: quit
+                return state
+            interrupted = True
+            print("[Ctrl-C again, Ctrl-D or /exit to quit]")
+            continue
+        interrupted = False
+        try:
+            text = clean_text(line).strip()
+            if not text:
+                continue
+            if text.startswith("/") and not text.startswith("//"):
+                if run_command(text, state, chat) is EXIT:
+                    return state
+                continue
+            if text.startswith("//"):
+                text = text[1:]
+            chat_turn(model, tok, state.history, text, args, chat, state.system, state.think, label=label)
+        except KeyboardInterrupt:
+            print("[interrupted; this turn is not kept in the history]")
+        except UserError as e:  # e.g. a prompt that cannot fit at all: say so, keep chatting
+            print(f"[error: {e}]")
 
 
 def main(argv=None):
@@ -135,16 +330,13 @@ def main(argv=None):
           f"{next(model.parameters()).device}; {'chat' if chat else 'raw text continuation'}")
 
     if args.interactive:
-        history: list = []
-        while True:
-            print("user> ", end="", flush=True)
-            line = sys.stdin.readline()
-            if not line:  # EOF
-                print()
-                return
-            if line.strip():
-                print("assistant> ", end="", flush=True)
-                chat_turn(model, tok, history, line.strip(), args, chat)
+        room = prompt_room(model.config, args.max_new_tokens)
+        if room < (len(tok.render_prompt("x")) + len(tok.encode(THINK_OFF_PREFILL)) if chat else 1):
+            raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves {max(room, 0)} of the model's "
+                            f"{model.config.max_position_embeddings} positions for the prompt: lower it")
+        prepare_stdio()
+        chat_loop(model, tok, args, chat)
+        return
 
     if args.eval_data:
         s = eval_loss(model, tok, args.eval_data, max_seq_len=args.max_seq_len)
@@ -156,9 +348,8 @@ def main(argv=None):
     if not args.eval_data and not heldout:  # auto-test: the fixed prompts, streamed
         history = []
         for prompt in LORA_PROMPTS.get(lora) or PROMPTS[args.model_mode]:
-            print(f"\n{'prompt' if not chat else 'user'}> {prompt}\n{'model' if not chat else 'assistant'}> ",
-                  end="", flush=True)
-            chat_turn(model, tok, history, prompt, args, chat)
+            print(f"\n{'prompt' if not chat else 'user'}> {prompt}")
+            chat_turn(model, tok, history, prompt, args, chat, label="model> " if not chat else "assistant> ")
         if args.model_mode >= 1 and not no_heldout and is_demo_run(folder, lora, args.save_dir):
             demo = demo_heldout_path(lora or MODE_FOLDERS[args.model_mode])
             heldout = str(demo) if demo else ""

@@ -8,7 +8,25 @@ from typing import Iterator, Sequence
 
 import torch
 
+from minillm.errors import UserError
 from minillm.model import KVCache, MiniLLM, eval_mode
+
+
+class PromptTooLongError(UserError):
+    """The prompt plus max_new_tokens does not fit the model's positions (RoPE table, KV cache)."""
+
+    def __init__(self, prompt_len: int, max_new_tokens: int, limit: int):
+        self.prompt_len, self.max_new_tokens, self.limit = prompt_len, max_new_tokens, limit
+        room = limit - max_new_tokens
+        fix = (f"shorten the prompt to at most {room} tokens or lower max_new_tokens" if room > 0
+               else f"lower max_new_tokens below {limit}")
+        super().__init__(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"max_position_embeddings={limit}: {fix}")
+
+
+def prompt_room(config, max_new_tokens: int) -> int:
+    """The longest prompt the engine accepts with this max_new_tokens (<= 0: none fits)."""
+    return config.max_position_embeddings - max_new_tokens
 
 
 @dataclass
@@ -56,7 +74,6 @@ def sample_next(logits, params: SamplingParams, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
 def generate_ids(model: MiniLLM, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  pad_id: int = 0, generator=None) -> Iterator[list[int | None]]:
     """Yield, after every decoding step, one new id per row (None once a row has stopped).
@@ -64,16 +81,24 @@ def generate_ids(model: MiniLLM, prompts: Sequence[Sequence[int]], params: Sampl
     Prompts of different lengths are left-padded into one batch; positions and attention
     ignore the padding, so each row decodes exactly as it would alone. A row stops at any
     of `params.stop_ids` (the stop id itself is yielded) or after max_new_tokens.
+
+    Checked when called, before any step: an empty prompt raises ValueError, and a prompt that
+    with max_new_tokens would run past max_position_embeddings raises PromptTooLongError
+    (callers that want to keep going, like a chat, truncate to `prompt_room` first).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    if longest > prompt_room(model.config, params.max_new_tokens):
+        raise PromptTooLongError(longest, params.max_new_tokens, model.config.max_position_embeddings)
+    return _decode(model, prompts, params, pad_id, generator)
+
+
+@torch.inference_mode()
+def _decode(model, prompts, params, pad_id, generator):
     device = next(model.parameters()).device
     B, longest = len(prompts), max(len(p) for p in prompts)
     max_len = longest + params.max_new_tokens
-    limit = model.config.max_position_embeddings
-    if max_len > limit:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                         f"exceeds the model's max_position_embeddings={limit}")
     cache = KVCache(model.config, B, max_len, device, model.lm_head.weight.dtype)
     ids = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
     for row, p in enumerate(prompts):
@@ -118,26 +143,35 @@ def generate(model, tokenizer, messages_or_prompt, max_new_tokens: int = 256, te
              top_p: float = 0.85, top_k: int = 0, repetition_penalty: float = 1.0, chat: bool = True,
              stream: bool = False, generator=None):
     """Text in, text out. `messages_or_prompt`: a list of chat messages, or a string (a user
-    message when chat=True, raw text to continue when chat=False, as a pretrained model wants).
+    message when chat=True, raw text to continue when chat=False, as a pretrained model wants),
+    or a list of token ids, used as they are (already rendered; `chat` is then ignored).
 
     stream=True returns an iterator of text pieces; otherwise the whole reply as a string.
-    The stop token is not part of the returned text.
+    The stop token is not part of the returned text. A prompt too long for the model raises
+    PromptTooLongError here, before anything is generated, also when streaming.
     """
-    if chat:
+    if _is_ids(messages_or_prompt):
+        prompt = [int(t) for t in messages_or_prompt]
+    elif chat:
         prompt = tokenizer.render_prompt(messages_or_prompt)
     else:
         if not isinstance(messages_or_prompt, str):
             raise ValueError("chat=False continues raw text: pass a string")
         prompt = tokenizer.encode(messages_or_prompt)
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, tokenizer.stop_ids)
-    pieces = _stream_text(model, tokenizer, prompt, params, generator)
+    steps = generate_ids(model, [prompt], params, tokenizer.pad_id, generator)  # checks the prompt now
+    pieces = _stream_text(tokenizer, steps, params)
     return pieces if stream else "".join(pieces)
 
 
-def _stream_text(model, tokenizer, prompt, params, generator):
+def _is_ids(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
+
+
+def _stream_text(tokenizer, steps, params):
     new_ids, emitted = [], ""
     stop = set(params.stop_ids)
-    for (tok,) in generate_ids(model, [prompt], params, tokenizer.pad_id, generator):
+    for (tok,) in steps:
         if tok is None or tok in stop:
             break
         new_ids.append(tok)

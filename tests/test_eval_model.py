@@ -139,3 +139,161 @@ def test_reasoning_mode_reports_format_compliance(save_dir, tmp_path):
     held.write_text('{"question": "What is 1 + 2?", "answer": "3"}\n', encoding="utf-8")
     out = run_eval("--checkpoint", str(save_dir / "full_sft"), "--model_mode", "3", "--heldout", str(held))
     assert f"held-out on {held}: format compliance 0.0% (0/1), answer accuracy 0.0% (0/1)" in out
+
+
+# ---- chat mode survives the user (issue 14) ----------------------------------------------------------
+
+def run_chat_bytes(save_dir, stdin: bytes, *args):
+    """The real script, --interactive, raw bytes on stdin; -> (returncode, stdout as text)."""
+    r = subprocess.run([sys.executable, str(ROOT / "eval_model.py"), "--device", "cpu", "--max_new_tokens", "5",
+                        "--save_dir", str(save_dir), "--interactive", *args], cwd=ROOT, input=stdin,
+                       capture_output=True, timeout=120)
+    return r.returncode, r.stdout.decode("utf-8"), r.stderr.decode("utf-8", "replace")
+
+
+def shown_prompts(out: str) -> list:
+    """The rendered prompts --show_prompt printed, in order."""
+    import ast
+    return [ast.literal_eval(line.split("[prompt: ", 1)[1].split("] ", 1)[1])
+            for line in out.splitlines() if "[prompt: " in line]
+
+
+def test_chat_commands_bad_bytes_empty_lines_and_an_overlong_prompt(save_dir):
+    long_prompt = "apple " * 2000 + "THE END"
+    assert len(TOK.encode(long_prompt)) >= 5000
+    script = b"\n".join([
+        b"/help", b"", b"   ", b"hello there",
+        b"bad \xff\xfe bytes \xc3",                       # invalid UTF-8: still a turn
+        b"/clear", b"after clear",
+        b"/system You are Zorbo the helpful.", b"who are you",
+        b"/think off", b"answer directly", b"/think on",
+        b"/bogus", b"/system", long_prompt.encode(), b"/exit", b"never read"]) + b"\n"
+    rc, out, err = run_chat_bytes(save_dir, script, "--history_cnt", "4", "--show_prompt")
+    assert rc == 0, err
+    assert err == ""
+    for name in ("/help", "/clear", "/system TEXT", "/think on|off", "/exit"):
+        assert name in out
+    assert "[unknown command /bogus" in out
+    prompts = shown_prompts(out)
+    # turns: hello, bad bytes, after clear, who are you, answer directly, the long one; empty lines skipped
+    assert len(prompts) == 6 and out.count("assistant> ") == 6
+    assert "bad \ufffd\ufffd bytes \ufffd" in prompts[1] and "hello there" in prompts[1]  # history kept so far
+    assert "hello there" not in prompts[2] and "bad" not in prompts[2]                 # /clear forgot it
+    assert prompts[3].startswith("<|im_start|>system\nYou are Zorbo the helpful.<|im_end|>\n")
+    assert prompts[4].endswith("<|im_start|>assistant\n" + eval_model.THINK_OFF_PREFILL)  # /think off
+    assert not prompts[5].endswith("</think>\n") and "Zorbo" not in prompts[5]          # /think on, /system
+    notice = [line for line in out.splitlines() if "[prompt too long:" in line]
+    assert len(notice) == 1 and "dropped 4 oldest history messages" in notice[0], notice
+    assert prompts[5].endswith("apple THE END<|im_end|>\n<|im_start|>assistant\n")       # the tail is kept
+    assert len(TOK.encode(prompts[5])) <= 1024 - 5
+    last_reply = out.split("assistant> ")[-1].splitlines()[0]
+    assert last_reply.strip()  # the model still answered the cut prompt
+    assert "never read" not in out and out.rstrip().endswith("user>")  # /exit quit at once
+
+
+def test_chat_eof_after_an_unterminated_bad_line_exits_zero(save_dir):
+    rc, out, err = run_chat_bytes(save_dir, b"hi\n\n\xe4\xbd")  # a half character, then EOF
+    assert rc == 0 and err == "", err
+    assert out.count("assistant> ") == 2 and out.rstrip().endswith("user>")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return MiniLLM(ModelConfig.preset("debug", vocab_size=TOK.vocab_size)).eval()
+
+
+def chat_args(*argv):
+    return eval_model.build_parser().parse_args(["--device", "cpu", "--max_new_tokens", "3", *argv])
+
+
+def scripted(*events):
+    """A stand-in for input(): returns lines, raises the exceptions given, then EOF; records its calls."""
+    events = list(events)
+
+    def read(prompt):
+        read.calls += 1
+        print(prompt, end="")
+        if not events:
+            raise EOFError
+        event = events.pop(0)
+        if isinstance(event, BaseException) or (isinstance(event, type) and issubclass(event, BaseException)):
+            raise event
+        return event
+    read.calls = 0
+    return read
+
+
+def test_build_prompt_system_think_and_truncation_order(tiny):
+    args = chat_args("--history_cnt", "10")
+    room = 1024 - 3
+    ids, kept, notice = eval_model.build_prompt(TOK, tiny.config, [], "hi", args, True, system="Be brief.",
+                                                think=False)
+    assert "Be brief." in TOK.decode(ids) and notice == "" and kept == "hi"
+    prefill = TOK.encode(eval_model.THINK_OFF_PREFILL)
+    assert ids[-len(prefill):] == prefill and ids[-len(prefill)] == TOK.special_ids["think_start"]
+    assert TOK.special_ids["think_end"] in ids[-len(prefill):]
+    # long history + a short prompt: only history goes, oldest first, and the prompt stays whole
+    history = [{"role": "user", "content": "old " * 600}, {"role": "assistant", "content": "reply " * 100},
+               {"role": "user", "content": "recent"}, {"role": "assistant", "content": "ok"}]
+    ids, kept, notice = eval_model.build_prompt(TOK, tiny.config, history, "question?", args, True)
+    text = TOK.decode(ids)
+    assert kept == "question?" and "old" not in text and "recent" in text and len(ids) <= room
+    assert notice.endswith("dropped 1 oldest history message]") and "reply" in text
+    # a prompt longer than the context by itself: its oldest tokens go, the ids fill the room exactly or nearly
+    long = "".join(f"w{i} " for i in range(3000))
+    ids, kept, notice = eval_model.build_prompt(TOK, tiny.config, history, long, args, True)
+    assert room - 3 <= len(ids) <= room and long.endswith(kept) and kept.endswith("w2999 ")
+    assert "dropped 4 oldest history messages, the first" in notice
+    # raw continuation (pretrain): the last `room` tokens
+    ids, kept, notice = eval_model.build_prompt(TOK, tiny.config, [], long, args, False)
+    assert ids == TOK.encode(long)[-room:] and "kept its last 1021 tokens" in notice
+
+
+def test_engine_refuses_an_overlong_prompt_when_called_not_on_first_step(tiny):
+    from minillm.errors import UserError
+    from minillm.generate import PromptTooLongError
+
+    with pytest.raises(PromptTooLongError, match="max_position_embeddings=1024: shorten the prompt to at most 1020"):
+        eval_model.generate(tiny, TOK, [7] * 1021, max_new_tokens=4, stream=True)  # raised before iterating
+    with pytest.raises(UserError, match="lower max_new_tokens below 1024"):
+        eval_model.generate(tiny, TOK, [7], max_new_tokens=1024)
+    assert isinstance(eval_model.generate(tiny, TOK, [7] * 1020, max_new_tokens=4, temperature=0), str)  # fits
+
+
+def test_ctrl_c_at_the_prompt_clears_the_line_and_twice_quits(tiny, capsys):
+    read = scripted(KeyboardInterrupt, "hello", KeyboardInterrupt, "again")
+    state = eval_model.chat_loop(tiny, TOK, chat_args("--history_cnt", "4"), True, read=read)
+    assert read.calls == 5  # ... then EOF
+    assert [m["content"] for m in state.history if m["role"] == "user"] == ["hello", "again"]
+    assert capsys.readouterr().out.count("[Ctrl-C again, Ctrl-D or /exit to quit]") == 2
+
+    read = scripted(KeyboardInterrupt, KeyboardInterrupt, "never read")
+    state = eval_model.chat_loop(tiny, TOK, chat_args(), True, read=read)
+    assert read.calls == 2 and state.history == []
+
+
+def test_ctrl_c_mid_reply_stops_it_and_the_chat_goes_on(tiny, capsys, monkeypatch):
+    calls = []
+
+    def stub_generate(model, tok, prompt_ids, **kw):
+        calls.append(list(prompt_ids))
+        assert kw["stream"]
+
+        def pieces():
+            yield "partial "
+            yield "reply"
+            if len(calls) == 1:
+                raise KeyboardInterrupt  # the user pressed Ctrl-C while the first reply streamed
+            yield " done"
+        return pieces()
+
+    monkeypatch.setattr(eval_model, "generate", stub_generate)
+    read = scripted("first question", "second question", "/exit", "never read")
+    state = eval_model.chat_loop(tiny, TOK, chat_args("--history_cnt", "4"), True, read=read)
+    out = capsys.readouterr().out
+    assert "assistant> partial reply\n[interrupted; this turn is not kept in the history]" in out
+    assert state.history == [{"role": "user", "content": "second question"},
+                             {"role": "assistant", "content": "partial reply done"}]
+    assert "first question" not in TOK.decode(calls[1])  # the cut turn is not in the next prompt
+    assert read.calls == 3  # /exit ended it
