@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from minillm.data.jsonl import FORMATS, BadLineReport, DataError, check_exists, collect_bad, map_chunks, parse_line
+from minillm.data.jsonl import (FORMATS, BadLineReport, DataError, check_exists, collect_bad, map_chunks, no_rows_error,
+                                parse_line)
 from minillm.data.pretrain import token_dtype
 
 IGNORE_INDEX = -100  # the label of a position that is not trained on (cross-entropy's ignore_index)
@@ -95,8 +96,9 @@ class _ChatDataset(Dataset):
             store.finish()
         self.rows = rows
         if len(self) == 0:
-            raise DataError(f"{src}: no usable rows ({self.bad_lines}; {self.n_no_target} rows had no assistant "
-                            f"token within max_seq_len {self.max_seq_len})")
+            raise no_rows_error(src, self.format, self.bad_lines.count + self.n_no_target, self.bad_lines,
+                                f"; {self.n_no_target} rows had no assistant token within max_seq_len "
+                                f"{self.max_seq_len}")
 
     def _render_chunk(self, tokenizer, chunk):
         required, check = FORMATS[self.format]
@@ -139,6 +141,8 @@ class SFTDataset(_ChatDataset):
     Rows left with no assistant token to learn are skipped and counted in `n_no_target`. With
     `system_prompts`, a conversation without a system message gets one with probability
     `system_prompt_prob` (MiniMind's trick), chosen deterministically from (seed, line number).
+    A system message need not come first (it is rendered where it stands, never trained on), and a
+    conversation with one anywhere gets no random one.
     Item i -> {"ids", "loss_mask"}, variable length; `lengths` holds each item's number of input
     positions (len(ids) - 1) for LengthGroupedBatchSampler. Reasoning data is SFT data: the
     tokenizer renders a `reasoning_content` field as the think block itself.
@@ -157,7 +161,7 @@ class SFTDataset(_ChatDataset):
 
     def _render(self, tokenizer, obj, lineno):
         messages = obj["conversations"]
-        if self.system_prompts and messages[0]["role"] != "system":
+        if self.system_prompts and not any(m["role"] == "system" for m in messages):
             u, k = _stable_uniforms(self.seed, lineno)
             if u < self.system_prompt_prob:
                 messages = [{"role": "system", "content": self.system_prompts[k % len(self.system_prompts)]}] + messages

@@ -6,6 +6,13 @@ Formats (MiniMind's, so its public datasets drop in):
     SFT        {"conversations": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
     DPO        {"chosen": [messages], "rejected": [messages]}
     reasoning  SFT format; the tokenizer renders an assistant `reasoning_content` field itself.
+
+What a line may be: UTF-8 (a BOM at the start of a line is dropped), LF or CRLF endings, blank
+lines ignored; unknown fields, in a row or in a message, are ignored. A conversation may start with
+an assistant turn, and a system message may stand anywhere: each turn is rendered where it is and
+only assistant turns are trained on. Anything else wrong with a line is a DataError naming
+`file:line`, the reason and what to do, or with skip_bad=True a counted skip (BadLineReport); a
+file with no rows at all is an error either way.
 """
 from __future__ import annotations
 
@@ -21,7 +28,13 @@ from typing import Any, Callable, Iterator
 
 from minillm.errors import UserError
 
-SKIP_HINT = "fix the line or pass --skip_bad_lines to skip such lines"
+SKIP_HINT = "fix the line, or pass --skip_bad_lines 1 to skip such lines and count them"
+BOM = b"\xef\xbb\xbf"
+EXAMPLES = {  # one good line per format, for the "no rows" error
+    "pretrain": '{"text": "..."}',
+    "sft": '{"conversations": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
+    "dpo": '{"chosen": [...messages ending with an assistant turn], "rejected": [...]}',
+}
 ROLES = ("system", "user", "assistant")
 
 
@@ -54,20 +67,68 @@ def _type_name(t) -> str:
     return {str: "a string", list: "a list", dict: "an object", int: "an integer"}.get(t, t.__name__)
 
 
+def _json_type(value) -> str:
+    """What a parsed JSON value is, in JSON's words (null, a number, ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _short(value, limit: int = 40) -> str:
+    """repr of a value from the user's line, cut so a huge value never floods the error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_text(text: str, what: str) -> None:
+    """Raises ValueError unless `text` is valid Unicode: JSON can spell an unpaired surrogate
+    ("\\ud800"), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f'{what} holds an unpaired surrogate {_short(text[e.start])} at character {e.start} '
+                         f'(a broken "\\uXXXX" escape); it is not valid Unicode text') from None
+
+
 def _check_messages(messages: Any, field: str) -> None:
     """Raises ValueError(reason) unless `messages` is a list of {role, content} messages."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f'"{field}" must be a non-empty list of messages')
     for i, m in enumerate(messages):
+        at = f'"{field}"[{i}]'
         if not isinstance(m, dict):
-            raise ValueError(f'"{field}"[{i}] is not an object')
+            raise ValueError(f'{at} is {_json_type(m)}, not a {{"role", "content"}} object')
         role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise ValueError(f'"{field}"[{i}] has role {role!r}; expected one of {", ".join(ROLES)}')
+        if role is None and ("from" in m or "value" in m):
+            raise ValueError(f'{at} has "from"/"value" but no "role" (ShareGPT style?); convert messages to '
+                             f'{{"role": "system"|"user"|"assistant", "content": "..."}}')
+        if not isinstance(role, str) or role not in ROLES:
+            got = "no \"role\"" if role is None else f"role {_short(role)}"
+            raise ValueError(f'{at} has {got}; expected one of {", ".join(ROLES)}')
+        at = f"{at} ({role})"
+        if "content" not in m:
+            raise ValueError(f'{at} has no string "content"')
         if not isinstance(content, str):
-            raise ValueError(f'"{field}"[{i}] ({role}) has no string "content"')
-        if not content and not (role == "assistant" and m.get("reasoning_content")):
-            raise ValueError(f'"{field}"[{i}] ({role}) has empty "content"')
+            parts = (" (content parts are not supported: join the text into one string)"
+                     if isinstance(content, list) else "")
+            raise ValueError(f'{at} "content" must be a string, got {_json_type(content)}{parts}')
+        _check_text(content, f'{at} "content"')
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None:
+            if not isinstance(reasoning, str):
+                raise ValueError(f'{at} "reasoning_content" must be a string, got {_json_type(reasoning)}')
+            if reasoning and role != "assistant":
+                raise ValueError(f'{at} has "reasoning_content"; only assistant turns may carry reasoning')
+            if reasoning and "<think>" in content:
+                raise ValueError(f'{at} has both "reasoning_content" and a <think> block in "content"; '
+                                 f'give the reasoning one way, not both')
+            _check_text(reasoning, f'{at} "reasoning_content"')
+        if not content and not (role == "assistant" and reasoning):
+            raise ValueError(f'{at} has empty "content"')
 
 
 def check_sft(obj: dict) -> None:
@@ -91,23 +152,48 @@ FORMATS: dict[str, tuple[dict[str, type], Callable[[dict], None]]] = {
 }
 
 
+def is_blank(raw: bytes) -> bool:
+    """A line with nothing but whitespace (and perhaps a BOM): ignored, not a row."""
+    return not raw.removeprefix(BOM).strip()
+
+
+def _decode(raw: bytes) -> str:
+    """One line's bytes -> text: strict UTF-8, a leading BOM and the line ending dropped."""
+    skip = len(BOM) if raw.startswith(BOM) else 0
+    try:
+        return raw[skip:].rstrip(b"\r\n").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 (byte 0x{raw[skip + e.start]:02x} at byte {skip + e.start + 1} of the "
+                         f"line); save the file as UTF-8") from None
+
+
 def parse_line(raw: bytes, required: dict[str, type], check: Callable[[dict], None] | None = None) -> dict:
     """Parses one jsonl line; raises ValueError(reason) when it is bad."""
+    text = _decode(raw)
     try:
-        obj = json.loads(raw)
-    except UnicodeDecodeError:
-        raise ValueError("not valid UTF-8") from None
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+        hint = ""
+        if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):
+            hint = "; the line ends early: truncated?"
+        elif e.msg == "Extra data" and "\r" in text:
+            hint = "; lines separated by a bare CR? save the file with LF or CRLF line endings"
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno}{hint})") from None
+    except RecursionError:
+        raise ValueError("invalid JSON (nested too deeply to read)") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python will convert
+        raise ValueError(f"invalid JSON ({str(e).split(';')[0]})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        raise ValueError(f"expected a JSON object, got {_json_type(obj)}")
     for field, ftype in required.items():
         if field not in obj:
             raise ValueError(f'missing field "{field}"')
         if not isinstance(obj[field], ftype):
-            raise ValueError(f'field "{field}" must be {_type_name(ftype)}, got {type(obj[field]).__name__}')
+            raise ValueError(f'field "{field}" must be {_type_name(ftype)}, got {_json_type(obj[field])}')
         if ftype in (str, list) and len(obj[field]) == 0:
             raise ValueError(f'field "{field}" is empty')
+        if ftype is str:
+            _check_text(obj[field], f'field "{field}"')
     if check is not None:
         check(obj)
     return obj
@@ -140,7 +226,7 @@ def read_jsonl(path, required: dict[str, type] | None = None, skip_bad: bool = F
     path = check_exists(path)
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
+            if is_blank(raw):
                 continue
             try:
                 obj = parse_line(raw, required or {}, check)
@@ -182,7 +268,7 @@ def _read_chunks(path: Path) -> Iterator[list[tuple[int, bytes]]]:
     chunk, size = [], 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
+            if is_blank(raw):
                 continue
             chunk.append((lineno, raw))
             size += len(raw)
@@ -235,6 +321,15 @@ def map_chunks(path: Path, tokenizer, job, num_workers: int | None, desc: str) -
 def collect_bad(path, bad: list[tuple[int, str]], skip_bad: bool, report: BadLineReport) -> None:
     for lineno, reason in bad:
         _bad_line(path, lineno, reason, skip_bad, report)
+
+
+def no_rows_error(path, fmt: str, n_lines: int, report: BadLineReport, why: str = "") -> DataError:
+    """The error for a file that gave no row to train on: empty, or every line bad or unusable."""
+    if n_lines == 0:
+        return DataError(f"{path}: no rows: the file is empty or holds only blank lines; give one JSON object "
+                         f"per line, like {EXAMPLES[fmt]}")
+    return DataError(f"{path}: no usable rows in {n_lines} lines ({report}{why}); fix the data or point "
+                     f"--data_path at the right file")
 
 
 def in_worker() -> bool:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from minillm.data.jsonl import (FORMATS, SKIP_HINT, BadLineReport, DataError, check_exists, collect_bad, in_worker,
-                                map_chunks, parse_line)
+                                map_chunks, no_rows_error, parse_line)
 
 CACHE_FORMAT_VERSION = 1
 
@@ -117,6 +117,8 @@ def build_token_cache(jsonl_path, tokenizer, num_workers: int | None = None, ski
                 f.write(tokens.tobytes())
                 n_tokens += len(tokens)
                 n_docs += docs
+        if n_docs == 0:  # an empty file, or every line skipped: an error, and nothing cached
+            raise no_rows_error(src, "pretrain", report.count, report)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
