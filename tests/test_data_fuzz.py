@@ -294,6 +294,16 @@ def test_unknown_fields_are_ignored(tmp_path, stage):
     assert contents(build(stage, write(tmp_path / "extra.jsonl", [extra(r) for r in GOOD[stage]]))) == plain
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_an_unreadable_file_is_a_clear_error(tmp_path, stage, monkeypatch):
+    path = write(tmp_path / "locked.jsonl", GOOD[stage])
+    def locked(*args, **kwargs):  # as `chmod 000` does for a user who is not root
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(jsonl_module, "open", locked, raising=False)
+    with pytest.raises(DataError, match="cannot read the file"):
+        build(stage, path)
+
+
 def learned(item):
     """The ids the stage trains on (loss_mask), decoded."""
     return TOK.decode([t for t, m in zip(item["ids"].tolist(), item["loss_mask"].tolist()) if m])

@@ -211,6 +211,10 @@ def check_exists(path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        open(path, "rb").close()
+    except PermissionError:
+        raise DataError(f"{path}: cannot read the file (permission denied); check its permissions") from None
     return path
 
 
