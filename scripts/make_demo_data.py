@@ -1,6 +1,7 @@
 """Generate the bilingual demo datasets in dataset/demo/ (deterministic, fixed seed).
 
-    python scripts/make_demo_data.py                 # writes dataset/demo/*.jsonl, overwriting
+    python scripts/make_demo_data.py                 # (re)writes dataset/demo/*.jsonl: the same bytes
+    python scripts/make_demo_data.py --seed 7 --overwrite 1   # another world; replacing files needs the flag
 
 The data describes a small FICTIONAL world (invented countries, people, animals) plus small-number
 arithmetic, so a tiny model trained for minutes on a CPU visibly learns it, and every answer can be
@@ -684,24 +685,32 @@ def build_all(seed=SEED):
     return files
 
 
-def main(out_dir="dataset/demo", seed=SEED):
+def main(out_dir="dataset/demo", seed=SEED, overwrite=False):
+    """Write every file; a file that exists with other content (edited, or another --seed) is replaced
+    only with overwrite=True. Files already identical are left as they are."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name, rows in build_all(seed).items():
-        path = out_dir / f"{name}.jsonl"
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        written[name] = path
-    return written
+    texts = {name: "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+             for name, rows in build_all(seed).items()}
+    paths = {name: out_dir / f"{name}.jsonl" for name in texts}
+    differ = [paths[n] for n in texts if paths[n].is_file() and paths[n].read_text(encoding="utf-8") != texts[n]]
+    if differ and not overwrite:
+        raise SystemExit(f"error: {', '.join(map(str, differ))} already exist with other content; pass "
+                         f"--overwrite 1 to replace them, or --out_dir another folder")
+    for name, text in texts.items():
+        if not (paths[name].is_file() and paths[name].read_text(encoding="utf-8") == text):
+            with open(paths[name], "w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+    return paths
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="dataset/demo", help="folder to write the .jsonl files into")
     parser.add_argument("--seed", type=int, default=SEED, help="random seed; the default reproduces the shipped files")
+    parser.add_argument("--overwrite", type=int, default=0,
+                        help="1 = replace files that exist with other content (edited, or from another seed)")
     args = parser.parse_args()
-    for name, path in main(args.out_dir, args.seed).items():
+    for name, path in main(args.out_dir, args.seed, bool(args.overwrite)).items():
         n_rows = sum(1 for _ in open(path, encoding="utf-8"))
         print(f"{path}: {n_rows} rows, {path.stat().st_size / 1e3:.0f} KB")

@@ -165,3 +165,15 @@ def test_fine_tuning_replies_use_tokens_that_pretraining_trained():
         untrained = Counter(i for i in ids if seen[i] < 3)
         share = sum(untrained.values()) / len(ids)
         assert share < 0.03, (name, share, [tok.sp.id_to_piece(i) for i, _ in untrained.most_common(5)])
+
+
+def test_regenerating_never_replaces_edited_data_without_the_flag(tmp_path):
+    gen = load_generator()
+    gen.main(tmp_path)
+    edited = tmp_path / "sft.jsonl"
+    edited.write_text('{"conversations": [{"role": "user", "content": "mine"}]}\n', encoding="utf-8")
+    with pytest.raises(SystemExit, match="--overwrite 1"):
+        gen.main(tmp_path)
+    assert "mine" in edited.read_text(encoding="utf-8")
+    gen.main(tmp_path, overwrite=True)
+    assert edited.read_bytes() == (DEMO / "sft.jsonl").read_bytes()
