@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 
 from minillm.checkpoint import load_checkpoint, load_config
+from minillm.config import check_device
 from minillm.evaluation import demo_heldout_path, eval_loss, heldout_accuracy, read_heldout
+from minillm.errors import UserError
 from minillm.errors import UserError
 from minillm.generate import PromptTooLongError, generate, prompt_room
 from minillm.lora import load_lora, read_lora_config
@@ -86,9 +88,21 @@ def build_parser():
     return p
 
 
+def check_args(args):
+    """A UserError naming the flag for a value no run can use (before any model is loaded)."""
+    rules = [("temperature", args.temperature >= 0, "must be >= 0 (0 = greedy)"),
+             ("top_p", 0 < args.top_p <= 1, "must be in (0, 1]"),
+             ("max_new_tokens", args.max_new_tokens >= 1, "must be at least 1"),
+             ("history_cnt", args.history_cnt >= 0, "must be >= 0 (0 = every turn stands alone)"),
+             ("max_seq_len", args.max_seq_len >= 1, "must be at least 1")]
+    problems = [f"--{name} {getattr(args, name)} {rule}" for name, fine, rule in rules if not fine]
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def load_model(args):
     folder = Path(args.checkpoint) if args.checkpoint else Path(args.save_dir) / MODE_FOLDERS[args.model_mode]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)  # a UserError when this machine has no such device
     model, tok = load_checkpoint(folder, device=device)
     lora = args.lora_name if args.lora_name not in ("", "None", "none") else ""
     if lora:
@@ -322,6 +336,7 @@ def chat_loop(model, tok, args, chat: bool, read=input, state: ChatState | None 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_args(args)
     torch.manual_seed(args.seed)
     model, tok, folder, lora = load_model(args)
     chat = args.model_mode != 0 or bool(lora)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from minillm.data import DPODataset, LengthGroupedBatchSampler, dpo_collate
+from minillm.errors import UserError
 from minillm.evaluation import read_heldout
 from minillm.lora import add_lora_flags, apply_lora, lora_disabled
 from minillm.model import eval_mode
@@ -91,9 +92,9 @@ def preference_losses(chosen_logratios, rejected_logratios, beta: float, label_s
         ipo (Azar et al.):                (h − 1/(2β))²  on per-token *average* log-probs, as TRL does
     """
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
+        raise UserError(f"loss_type {loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing {label_smoothing} must be in [0, 0.5)")
+        raise UserError(f"label_smoothing {label_smoothing} must be in [0, 0.5)")
     h = chosen_logratios - rejected_logratios
     if loss_type == "sigmoid":
         return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
@@ -182,9 +183,11 @@ def main(argv=None):
     stage, args = prepare_stage(__doc__, STAGE_DEFAULTS, argv, extra_args=add_dpo_args)
     cfg, device = stage.cfg, stage.dist.device
     if args.precompute_ref and args.use_lora:
-        raise ValueError("--use_lora 1 already needs no reference copy; drop --precompute_ref")
+        raise UserError("--use_lora 1 already needs no reference copy; drop --precompute_ref")
     if args.label_smoothing and args.loss_type != "sigmoid":
-        raise ValueError("--label_smoothing applies to --loss_type sigmoid only")
+        raise UserError("--label_smoothing applies to --loss_type sigmoid only")
+    if not 0.0 <= args.label_smoothing < 0.5:
+        raise UserError(f"--label_smoothing {args.label_smoothing} must be in [0, 0.5)")
     model = stage.model.to(device)
 
     dataset, eval_set = load_datasets(stage, lambda path: DPODataset(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minillm.config import ModelConfig, TrainConfig, load_yaml, save_yaml
+from minillm.errors import NotFound, UserError
 
 WEIGHTS, CONFIG, TOKENIZER, STATE = "model.safetensors", "config.yaml", "tokenizer.model", "trainer_state.pt"
 
@@ -93,26 +95,52 @@ def resolve_checkpoint(folder, marker: str = WEIGHTS) -> Path:
     old = folder.with_name(folder.name + ".old")
     if (old / marker).is_file():
         return old
-    raise FileNotFoundError(f"no checkpoint at {folder} (expected {folder / marker}); "
-                            f"train one first or pass the right folder")
+    if folder.is_file():
+        raise NotFound(f"{folder} is a file, not a checkpoint folder; pass the folder that holds {marker}")
+    raise NotFound(f"no checkpoint at {folder} (expected {folder / marker}); "
+                   f"train one first or pass the right folder")
 
 
 def load_config(folder) -> tuple[ModelConfig, dict]:
     folder = resolve_checkpoint(folder)
     doc = load_yaml(folder / CONFIG)
     if "model" not in doc:
-        raise ValueError(f"{folder / CONFIG} has no 'model' section")
+        raise UserError(f"{folder / CONFIG} has no 'model' section; it was not written by minillm, or was edited")
     return ModelConfig.from_dict(doc["model"], where=f"{folder / CONFIG} [model]"), doc
 
 
+def read_safetensors(path) -> dict:
+    """The tensors of a .safetensors file; a UserError naming the file when it is truncated or corrupt."""
+    from safetensors import SafetensorError
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} cannot be read as safetensors ({' '.join(str(e).split())}): the file is "
+                        f"truncated or corrupt (an interrupted copy or save?); copy it again or pick another "
+                        f"checkpoint") from None
+
+
 def load_weights(model, folder, strict: bool = True):
+    """Load folder/model.safetensors into `model`; a UserError naming the file when it is corrupt or its
+    tensors do not fit the model's shapes (e.g. a config.yaml edited after the save)."""
     folder = resolve_checkpoint(folder)
-    state = load_file(str(folder / WEIGHTS))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    path = folder / WEIGHTS
+    state = read_safetensors(path)
+    expected = model.state_dict()
+    wrong = [f"{name} is {list(t.shape)} in the file but {list(expected[name].shape)} in the model"
+             for name, t in state.items() if name in expected and expected[name].shape != t.shape]
+    if wrong:
+        raise UserError(f"{path} does not fit the model: {len(wrong)} tensors have other shapes, e.g. "
+                        f"{'; '.join(wrong[:2])}; the weights were saved from a model of another shape than its "
+                        f"config describes (was {folder / CONFIG} edited?): restore it or pick another checkpoint")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # what the shape check above did not foresee
+        raise UserError(f"{path} does not fit the model: {' '.join(str(e).split())[:500]}") from None
     missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_word_embeddings)]
     if strict and (missing or unexpected):
-        raise ValueError(f"{folder / WEIGHTS} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise UserError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+                        f"the weights and config.yaml come from different models")
     return model
 
 
@@ -130,7 +158,8 @@ def load_checkpoint(folder, device="cpu", kernel_backend: str | None = None, wit
     if with_tokenizer:
         tok = Tokenizer.load(folder / TOKENIZER if (folder / TOKENIZER).is_file() else None)
         if tok.vocab_size > cfg.vocab_size:
-            raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
+            raise UserError(f"{folder}: tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}; "
+                            f"its {TOKENIZER} belongs to another model")
     return model, tok
 
 
@@ -141,4 +170,8 @@ def load_trainer_state(folder) -> dict | None:
         resolve_checkpoint(folder)  # a checkpoint without resume state: None; no checkpoint: the error
         return None
     path = folder / STATE
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        raise UserError(f"{path} cannot be read ({' '.join(str(e).split())[:200]}): the file is truncated or "
+                        f"corrupt; start without --from_resume, or restore the folder") from None

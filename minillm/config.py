@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from minillm.errors import NotFound, UserError
+
 
 def _help(text: str, **kwargs):
     return field(metadata={"help": text}, **kwargs)
@@ -50,39 +52,68 @@ class ModelConfig:
     kernel_backend: str = _help("kernels: auto | triton | torch", default="auto")
 
     def __post_init__(self):
+        derived = []  # problems only a derived value has
         if self.head_dim == 0:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+            h, n = self.hidden_size, self.num_attention_heads
+            if n > 0 and h % n:
+                derived.append(f"hidden_size={h} is not a multiple of num_attention_heads={n}, so "
+                               f"head_dim = hidden_size / num_attention_heads = {h / n:g} is not whole: choose "
+                               f"a hidden_size divisible by {n} (e.g. {max(2 * n, 2 * n * round(h / (2 * n)))}) "
+                               f"or give head_dim (--set head_dim=N)")
+            self.head_dim = h // n if n > 0 else 0
         if self.intermediate_size == 0:
             self.intermediate_size = 64 * math.ceil(self.hidden_size * 8 / 3 / 64)
         if self.moe_intermediate_size == 0:
             self.moe_intermediate_size = self.intermediate_size
-        self.validate()
+        self.validate(derived)
 
-    def validate(self):
-        problems = []
-        if self.num_attention_heads % self.num_key_value_heads:
+    def validate(self, problems=()):
+        """UserError listing every field combination that cannot make a model (and `problems`)."""
+        problems, derived = list(problems), bool(problems)
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)} must be positive")
+        if self.head_dim < 0:
+            problems.append(f"head_dim={self.head_dim} must be positive (0 = hidden_size // num_attention_heads)")
+        elif self.head_dim % 2 and not derived:
+            problems.append(f"head_dim={self.head_dim} must be even for RoPE: change hidden_size or "
+                            f"num_attention_heads, or set an even head_dim")
+        if self.num_key_value_heads > 0 and self.num_attention_heads % self.num_key_value_heads:
             problems.append(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                            f"num_key_value_heads={self.num_key_value_heads}")
-        if self.head_dim % 2:
-            problems.append(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.use_moe and not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
-            problems.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
-                            f"1..n_routed_experts={self.n_routed_experts}")
+                            f"num_key_value_heads={self.num_key_value_heads}: use a num_key_value_heads that "
+                            f"divides it")
+        if self.rope_theta <= 0:
+            problems.append(f"rope_theta={self.rope_theta} must be positive")
+        if self.rms_norm_eps <= 0:
+            problems.append(f"rms_norm_eps={self.rms_norm_eps} must be positive")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout={self.dropout} must be in [0, 1)")
+        if self.initializer_range < 0:
+            problems.append(f"initializer_range={self.initializer_range} must be >= 0")
+        if self.use_moe:
+            if self.n_routed_experts <= 0:
+                problems.append(f"n_routed_experts={self.n_routed_experts} must be positive")
+            elif not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+                problems.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                                f"1..n_routed_experts={self.n_routed_experts}")
+            if self.n_shared_experts < 0:
+                problems.append(f"n_shared_experts={self.n_shared_experts} must be >= 0")
+            if self.moe_intermediate_size <= 0:
+                problems.append(f"moe_intermediate_size={self.moe_intermediate_size} must be positive")
+            if self.aux_loss_coef < 0:
+                problems.append(f"aux_loss_coef={self.aux_loss_coef} must be >= 0")
         if self.kernel_backend not in ("auto", "triton", "torch"):
             problems.append(f"kernel_backend={self.kernel_backend!r} must be auto, triton or torch")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
         if problems:
-            raise ValueError("invalid model config: " + "; ".join(problems))
+            raise UserError("invalid model config: " + "; ".join(problems))
 
     # -- presets and serialisation -------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
         key = name.lower()
         if key not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+            raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[key], **overrides})
 
     def to_dict(self) -> dict:
@@ -92,7 +123,13 @@ class ModelConfig:
     def from_dict(cls, d: dict, where: str = "model config") -> "ModelConfig":
         """Build from a mapping (a yaml section, a checkpoint's config.yaml): values are converted to
         the fields' types (coerce), and `where` names the source in any error."""
-        return cls(**_known_fields(cls, d, "model", where))
+        values = _known_fields(cls, d, "model", where)
+        try:
+            return cls(**values)
+        except UserError as e:
+            if where == "model config":
+                raise
+            raise UserError(f"{where}: {e}") from None
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count computed from the shape (equals the module's, tied embeddings once)."""
@@ -172,13 +209,74 @@ class TrainConfig:
                                 "every evaluation, in the log and TensorBoard ('' = none)", default="")
     eval_split: float = _help("hold out this seeded fraction of --data_path's rows instead (0 = none)", default=0.0)
     eval_interval: int = _help("evaluate every N optimizer steps and at the end (0 = at every save)", default=0)
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """UserError listing every value no run can use, by its flag (the yaml field has the same name)."""
+        rules = [  # (field, fine?, what it must be)
+            ("epochs", self.epochs >= 1, "must be at least 1 (--max_steps N stops a run earlier)"),
+            ("max_steps", self.max_steps >= 0, "must be >= 0 (0 = run all epochs)"),
+            ("batch_size", self.batch_size >= 1, "must be at least 1"),
+            ("accumulation_steps", self.accumulation_steps >= 1, "must be at least 1"),
+            ("max_seq_len", self.max_seq_len >= 1, "must be at least 1"),
+            ("learning_rate", self.learning_rate >= 0, "must be >= 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("warmup_steps", self.warmup_steps >= -1, "must be >= 0, or -1 for 1% of the run"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "must be in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)"),
+            ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),
+            ("dtype", self.dtype in DTYPES, f"is not a dtype; use {', '.join(DTYPES)}"),
+            ("use_compile", self.use_compile in (-1, 0, 1), "must be 1, 0 or -1 (on for CUDA)"),
+            ("compile_mode", self.compile_mode in COMPILE_MODES,
+             f"is not a torch.compile mode; choose one of {', '.join(COMPILE_MODES)}"),
+            ("num_workers", self.num_workers >= 0, "must be >= 0"),
+            ("log_interval", self.log_interval >= 1, "must be at least 1"),
+            ("save_interval", self.save_interval >= 0, "must be >= 0 (0 = save only at the end)"),
+            ("from_resume", self.from_resume in (0, 1), "must be 1 or 0"),
+            ("skip_bad_lines", self.skip_bad_lines in (0, 1), "must be 1 or 0"),
+            ("use_tensorboard", self.use_tensorboard in (0, 1), "must be 1 or 0"),
+            ("eval_split", 0 <= self.eval_split < 1, "must be a fraction in [0, 1), e.g. 0.05 (0 = none)"),
+            ("eval_interval", self.eval_interval >= 0, "must be >= 0 (0 = at every save)"),
+        ]
+        problems = [f"--{name} {getattr(self, name)!r} {rule}" for name, fine, rule in rules if not fine]
+        if problems:
+            raise UserError("; ".join(problems))
+
+    def check_paths(self):
+        """UserError for a path flag that names an existing thing of the wrong kind (a folder where a
+        file is expected or the reverse); missing ones are reported where they are opened."""
+        for flag, path in (("--data_path", self.data_path), ("--eval_data_path", self.eval_data_path)):
+            if path and Path(path).is_dir():
+                raise UserError(f"{flag} {path} is a folder, not a file; pass a jsonl file")
+        if self.tokenizer_path:
+            tok = Path(self.tokenizer_path)
+            if tok.is_dir() and not (tok / "tokenizer.model").is_file():
+                raise UserError(f"--tokenizer_path {tok} is a folder without tokenizer.model in it; pass the "
+                                f".model file or its folder, or make one with `python train_tokenizer.py --out "
+                                f"{tok / 'tokenizer.model'}`")
+        for path in (Path(self.save_dir), Path(self.save_dir) / self.save_weight):
+            if path.exists() and not path.is_dir():
+                raise UserError(f"--save_dir {self.save_dir}: {path} is a file, not a folder; pass a folder "
+                                f"(it is created if missing) or move that file")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "train config") -> "TrainConfig":
-        return cls(**_known_fields(cls, d, "train", where))
+        values = _known_fields(cls, d, "train", where)
+        try:
+            return cls(**values)
+        except UserError as e:
+            if where == "train config":
+                raise
+            raise UserError(f"{where}: {e}") from None
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 # -- typed values ---------------------------------------------------------------------------------
@@ -194,7 +292,7 @@ def _field_type(cls, name: str):
     for f in fields(cls):
         if f.name == name:
             return f.type if isinstance(f.type, type) else _TYPES.get(str(f.type))
-    raise ValueError(_unknown_field_text(cls, name))
+    raise UserError(_unknown_field_text(cls, name))
 
 
 def _other_config(cls):
@@ -273,18 +371,18 @@ def coerce(cls, field_name: str, value, where: str):
             hint = " (yaml reads yes/no/on/off as booleans: quote it)"
         elif value is None:
             hint = " (an empty value in yaml is null: write '' or leave the field out)"
-        raise ValueError(f"{where}: {field_name} expects {_EXPECTED.get(kind, kind)}, got {value!r}{hint}") from None
+        raise UserError(f"{where}: {field_name} expects {_EXPECTED.get(kind, kind)}, got {value!r}{hint}") from None
 
 
 def _known_fields(cls, d, section: str, where: str | None = None) -> dict:
     """`d` checked against `cls`'s fields (an unknown name suggests the closest) and coerced."""
     where = where or f"{section} config"
     if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a mapping of {section} fields, got {type(d).__name__}")
+        raise UserError(f"{where}: expected a mapping of {section} fields, got {type(d).__name__}")
     names = {f.name for f in fields(cls)}
     unknown = [k for k in d if k not in names]
     if unknown:
-        raise ValueError(f"{where}: " + "; ".join(_unknown_field_text(cls, k, f"{section} config") for k in unknown))
+        raise UserError(f"{where}: " + "; ".join(_unknown_field_text(cls, k, f"{section} config") for k in unknown))
     return {k: coerce(cls, k, v, where) for k, v in d.items()}
 
 
@@ -299,14 +397,16 @@ def save_yaml(path, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None
 
 def load_yaml(path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder, not a yaml file")
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise NotFound(f"config file {path} does not exist")
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid yaml: {e}") from None
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid yaml: {' '.join(str(e).split())}") from None
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a mapping with 'model' and/or 'train' sections")
+        raise UserError(f"{path}: expected a mapping with 'model' and/or 'train' sections")
     return doc
 
 
@@ -376,13 +476,13 @@ def parse_set_item(item, where: str = "--set") -> tuple[str, Any]:
     key, sep, value = str(item).partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ValueError(f"{where} {item}: expected FIELD=VALUE with FIELD a model config field, "
-                         f"e.g. --set rms_norm_eps=1e-6")
+        raise UserError(f"{where} {item}: expected FIELD=VALUE with FIELD a model config field, "
+                        f"e.g. --set rms_norm_eps=1e-6")
     if key not in {f.name for f in fields(ModelConfig)}:
         if key in {f.name for f in fields(TrainConfig)}:
-            raise ValueError(f"{where} {item}: {key} is a train setting, not a model config field: "
-                             f"use --{key} {value}")
-        raise ValueError(f"{where} {item}: {_unknown_field_text(ModelConfig, key, 'model config')}")
+            raise UserError(f"{where} {item}: {key} is a train setting, not a model config field: "
+                            f"use --{key} {value}")
+        raise UserError(f"{where} {item}: {_unknown_field_text(ModelConfig, key, 'model config')}")
     return key, coerce(ModelConfig, key, value, f"{where} {item}")
 
 
@@ -465,7 +565,7 @@ def _section(doc: dict, name: str, path) -> dict:
     if section is None:
         return {}
     if not isinstance(section, dict):
-        raise ValueError(f"{path}: '{name}' must be a mapping of field: value, got {type(section).__name__}")
+        raise UserError(f"{path}: '{name}' must be a mapping of field: value, got {type(section).__name__}")
     return section
 
 
@@ -488,6 +588,7 @@ def resolve(args: argparse.Namespace, train_defaults: dict | None = None,
     train_names = {f.name for f in fields(TrainConfig)}
     train.update({k: coerce(TrainConfig, k, v, f"--{k}") for k, v in given.items() if k in train_names})
     train_cfg = TrainConfig(**train)
+    train_cfg.check_paths()
 
     model_over, source = {}, {}
     for k, v in _known_fields(ModelConfig, _section(doc, "model", path), "model", f"{path} [model]").items():
@@ -496,8 +597,8 @@ def resolve(args: argparse.Namespace, train_defaults: dict | None = None,
     sets = parse_set(given.get("set") or ())
     clash = [k for k in flags.keys() & sets.keys() if flags[k] != sets[k]]
     if clash:
-        raise ValueError("; ".join(f"--{k} {flags[k]!r} and --set {k}={sets[k]!r} disagree" for k in clash)
-                         + ": give one")
+        raise UserError("; ".join(f"--{k} {flags[k]!r} and --set {k}={sets[k]!r} disagree" for k in clash)
+                        + ": give one")
     for k, v in {**flags, **sets}.items():
         model_over[k], source[k] = v, (f"--{k}" if k in flags else f"--set {k}")
 
@@ -508,16 +609,47 @@ def resolve(args: argparse.Namespace, train_defaults: dict | None = None,
         if "preset" in given:
             changes.append(f"--preset {given['preset']}")
         if changes:
-            raise ValueError(f"cannot change the shape of the checkpoint being fine-tuned "
-                             f"({'; '.join(changes)}); drop those flags")
-        model_cfg = ModelConfig.from_dict({**base, **model_over})
+            raise UserError(f"cannot change the shape of the checkpoint being fine-tuned "
+                            f"({'; '.join(changes)}); drop those flags")
+        model_cfg = ModelConfig.from_dict({**base, **model_over},
+                                          where=_model_sources(source, model_over, "the checkpoint"))
     else:
-        preset = given.get("preset") or doc.get("preset") or default_preset
-        model_cfg = ModelConfig.from_dict({**PRESETS[_check_preset(preset)], **model_over})
+        preset = _check_preset(given.get("preset") or doc.get("preset") or default_preset)
+        model_cfg = ModelConfig.from_dict({**PRESETS[preset], **model_over},
+                                          where=_model_sources(source, model_over, f"preset {preset}"))
     return model_cfg, train_cfg
+
+
+def _model_sources(source: dict, values: dict, base: str) -> str:
+    """'preset debug with --hidden_size 100, c.yaml [model] head_dim=12': where a model config's
+    values came from, for its errors."""
+    given = [f"--set {k}={values[k]}" if s.startswith("--set") else f"{s} {values[k]}" if s.startswith("--")
+             else f"{s} {k}={values[k]}" for k, s in source.items()]
+    return base + (f" with {', '.join(given)}" if given else "")
+
+
+def check_device(name: str, flag: str = "--device") -> str:
+    """The device `name` means ('' = cuda if available, else cpu), or a UserError when this machine
+    has no such device."""
+    import torch
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{flag} {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag} {name} was asked for but CUDA is not available on this machine; "
+                            f"use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"numbered from 0")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{flag} {name} was asked for but MPS is not available on this machine; use --device cpu")
+    return name
 
 
 def _check_preset(name) -> str:
     if str(name).lower() not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return str(name).lower()

@@ -11,3 +11,21 @@ class UserError(ValueError):
     """A problem in the user's input: the message names what, where, and what to do.
 
     A ValueError, so code that caught ValueError from the library keeps working."""
+
+
+class NotFound(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist. Also a FileNotFoundError, so code that
+    catches that (e.g. "no checkpoint yet: start fresh") keeps working."""
+
+
+def require_file(path, what: str, todo: str = ""):
+    """`path` as a Path when it is an existing file; else a UserError naming `what` (the flag or
+    role, e.g. "--data_path"), the path, and `todo` (what to do, appended after "; ")."""
+    from pathlib import Path
+    path = Path(path)
+    todo = f"; {todo}" if todo else ""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file{todo}")
+    if not path.is_file():
+        raise NotFound(f"{what} {path} does not exist{todo}")
+    return path

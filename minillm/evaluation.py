@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from minillm.data import FORMATS, IGNORE_INDEX, DataError, read_jsonl
+from minillm.errors import require_file
 from minillm.generate import SamplingParams, generate_batch
 from minillm.model import eval_mode
 
@@ -25,6 +26,7 @@ HELDOUT_FIELDS = {"question": str, "answer": str}
 
 def read_heldout(path) -> list[dict]:
     """{"question", "answer"[, "lang"]} rows (the demo's heldout_*.jsonl format)."""
+    require_file(path, "held-out file", 'pass a jsonl of {"question", "answer"} rows')
     rows = [obj for _, obj in read_jsonl(path, HELDOUT_FIELDS)]
     if not rows:
         raise DataError(f"{path}: no held-out questions")
@@ -80,6 +82,7 @@ def heldout_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 4
 
 def detect_format(path) -> str:
     """'pretrain' ({"text"}), 'sft' ({"conversations"}) or 'dpo' ({"chosen", "rejected"}) from the first line."""
+    require_file(path, "evaluation data", "pass a jsonl file of any stage's format")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():

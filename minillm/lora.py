@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from minillm.checkpoint import atomic_folder, resolve_checkpoint
+from minillm.checkpoint import atomic_folder, read_safetensors, resolve_checkpoint
+from minillm.errors import NotFound, UserError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.yaml"
@@ -37,7 +38,7 @@ class LoRALinear(nn.Module):
                  rslora: bool = False):
         super().__init__()
         if rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {rank}")
+            raise UserError(f"LoRA rank (--lora_rank) must be positive, got {rank}")
         self.base = base
         self.base.requires_grad_(False)
         self.r, self.alpha, self.rslora = rank, alpha, rslora
@@ -136,12 +137,14 @@ def lora_targets(model: nn.Module, targets=DEFAULT_TARGETS) -> list[tuple[nn.Mod
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters; merge_lora() or load a fresh base first")
-    chosen = [(name, m) for name, m in model.named_modules()
-              if isinstance(m, nn.Linear) and _matches(name, targets)]
-    if not chosen:
-        linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"no nn.Linear module matches the LoRA targets {list(targets)}; "
-                         f"this model's linear layers are named {linears}")
+    linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = [(name, model.get_submodule(name)) for name in linear_names if _matches(name, targets)]
+    unmatched = [t for t in targets if not any(_matches(name, (t,)) for name in linear_names)]
+    if unmatched or not chosen:
+        linears = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
+        what = f"the LoRA targets {list(targets)}" if not chosen else f"the LoRA target(s) {unmatched}"
+        raise UserError(f"no nn.Linear module matches {what} (--lora_targets); this model's linear layers "
+                        f"are named {linears}: pick from those, comma-separated")
     found = []
     for name, linear in chosen:
         parent_name, _, child = name.rpartition(".")
@@ -205,9 +208,15 @@ def save_lora(folder, model: nn.Module, config: dict | None = None,
 
 def read_lora_config(folder) -> dict:
     folder = resolve_checkpoint(folder, marker=ADAPTER_WEIGHTS)
-    doc = yaml.safe_load((folder / ADAPTER_CONFIG).read_text()) or {}
-    if "lora" not in doc:
-        raise ValueError(f"{folder / ADAPTER_CONFIG} has no 'lora' section; it was not written by save_lora")
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise NotFound(f"{path} does not exist: the adapter folder {folder} is incomplete; train it again")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid yaml: {' '.join(str(e).split())}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("lora"), dict):
+        raise UserError(f"{path} has no 'lora' section; it was not written by save_lora")
     return doc
 
 
@@ -217,10 +226,10 @@ def load_lora(model: nn.Module, folder) -> nn.Module:
     try:
         folder = resolve_checkpoint(folder, marker=ADAPTER_WEIGHTS)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no LoRA adapter at {folder} (expected {Path(folder) / ADAPTER_WEIGHTS}); "
-                                f"train one with train_lora.py or pass the right --lora_name / folder") from None
+        raise NotFound(f"no LoRA adapter at {folder} (expected {Path(folder) / ADAPTER_WEIGHTS}); "
+                       f"train one with train_lora.py or pass the right --lora_name / folder") from None
     settings = read_lora_config(folder)["lora"]
-    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    state = read_safetensors(folder / ADAPTER_WEIGHTS)
     inner = _unwrap(model)
     if not lora_modules(inner):
         apply_lora(inner, settings["rank"], settings["alpha"], settings.get("dropout", 0.0),
@@ -229,17 +238,17 @@ def load_lora(model: nn.Module, folder) -> nn.Module:
     wanted = {f"{name}.{p}" for name in modules for p in LORA_PARAMS}
     missing, unexpected = sorted(wanted - set(state)), sorted(set(state) - wanted)
     if missing or unexpected:
-        raise ValueError(f"{folder / ADAPTER_WEIGHTS} does not fit this model's layers: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]} (was it trained on another base model?)")
+        raise UserError(f"{folder / ADAPTER_WEIGHTS} does not fit this model's layers: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]} (was it trained on another base model?)")
     with torch.no_grad():
         for key, tensor in state.items():
             name, p = key.rsplit(".", 1)
             param = getattr(modules[name], p)
             if param.shape != tensor.shape:
                 m = modules[name]
-                raise ValueError(f"{folder}: adapter {key} has shape {list(tensor.shape)} but this base's "
-                                 f"{name} is [{m.out_features}, {m.in_features}] with rank {m.r}; the adapter "
-                                 f"was trained on a base of another shape")
+                raise UserError(f"{folder}: adapter {key} has shape {list(tensor.shape)} but this base's "
+                                f"{name} is [{m.out_features}, {m.in_features}] with rank {m.r}; the adapter "
+                                f"was trained on a base of another shape")
             param.copy_(tensor)
     return model
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from minillm.errors import NotFound, UserError
+
 ASSETS_DIR = Path(__file__).parent / "assets"
 MODEL_FILENAME = "tokenizer.model"
 
@@ -41,8 +43,8 @@ class Tokenizer:
         for name, piece in SPECIAL_TOKENS.items():
             token_id = self.sp.piece_to_id(piece)
             if self.sp.id_to_piece(token_id) != piece:
-                raise ValueError(f"tokenizer model has no {piece!r} token; it was not made by train_tokenizer.py "
-                                 f"(retrain with `python train_tokenizer.py`)")
+                raise UserError(f"tokenizer model has no {piece!r} token; it was not made by train_tokenizer.py "
+                                f"(retrain with `python train_tokenizer.py`)")
             self.special_ids[name] = token_id
         self.pad_id = self.special_ids["pad"]
         self.eos_id = self.special_ids["endoftext"]  # separates pretraining documents
@@ -61,9 +63,19 @@ class Tokenizer:
         if path.is_dir():
             path = path / MODEL_FILENAME
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {path}. Pass a .model file or a folder containing "
-                                    f"{MODEL_FILENAME}, or create one with `python train_tokenizer.py --out {path}`")
-        return cls(path.read_bytes())
+            raise NotFound(f"tokenizer model not found: {path}. Pass a .model file or a folder containing "
+                           f"{MODEL_FILENAME}, or create one with `python train_tokenizer.py --out {path}`")
+        proto, tokenizer = path.read_bytes(), None
+        try:
+            tokenizer = cls(proto) if proto else None
+        except (RuntimeError, IndexError):  # sentencepiece could not parse the bytes
+            pass
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+        if tokenizer is None:
+            raise UserError(f"{path} cannot be read as a SentencePiece model: the file is empty, truncated or "
+                            f"corrupt; copy it again or make one with `python train_tokenizer.py`")
+        return tokenizer
 
     def save(self, folder):
         """Write folder/tokenizer.model (the serialized SentencePiece model); returns its path."""

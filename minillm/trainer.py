@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from minillm.checkpoint import STATE, WEIGHTS, load_trainer_state, resolve_checkpoint, save_checkpoint
 from minillm.config import ModelConfig, TrainConfig
+from minillm.errors import UserError
 
 H100_BF16_FLOPS = 790e12  # the dense bf16 rate ANCHORS.md measures MFU against
 
@@ -93,9 +94,8 @@ def setup_distributed(device_flag: str = "") -> DistInfo:
     """Single process, or one of `torchrun --nproc_per_node N` (nccl on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    want = device_flag or ("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {want} was asked for but CUDA is not available; use --device cpu")
+    from minillm.config import check_device
+    want = check_device(device_flag)  # a UserError when this machine has no such device
     if want.startswith("cuda"):
         device = torch.device("cuda", local if world > 1 else torch.device(want).index or 0)
         torch.cuda.set_device(device)
@@ -216,9 +216,9 @@ class Trainer:
         sampler.set_epoch(0, 0)
         steps_per_epoch = len(sampler) // cfg.accumulation_steps
         if steps_per_epoch == 0:
-            raise ValueError(f"{cfg.data_path}: too few rows for one optimizer step of --batch_size "
-                             f"{cfg.batch_size} x --accumulation_steps {cfg.accumulation_steps} x "
-                             f"{self.dist.world_size} processes; use more data or smaller values")
+            raise UserError(f"{cfg.data_path}: too few rows for one optimizer step of --batch_size "
+                            f"{cfg.batch_size} x --accumulation_steps {cfg.accumulation_steps} x "
+                            f"{self.dist.world_size} processes; use more data or smaller values")
         self.steps_per_epoch = steps_per_epoch
         total = steps_per_epoch * cfg.epochs
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
@@ -466,12 +466,12 @@ def _fmt_time(seconds: float) -> str:
 
 
 def main_guard(fn):
-    """Run a stage's main(); turn errors a user can fix into one clear line, and tear down DDP."""
-    from minillm.data import DataError
+    """Run a stage's main(); a UserError (a fault the user can fix) becomes one line on stderr and exit
+    status 2, anything else keeps its traceback (a bug); tears down DDP either way."""
     try:
         fn()
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)
     finally:
         if dist.is_initialized():
@@ -518,7 +518,8 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
         try:
             base_cfg, _ = load_config(init_from)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e} (this stage starts from --init_from {init_from})") from None
+            from minillm.errors import NotFound
+            raise NotFound(f"{e} (this stage starts from --init_from {init_from})") from None
         model_cfg, cfg = resolve(args, defaults, base_model=base_cfg)
     else:
         model_cfg, cfg = resolve(args, defaults)
@@ -535,8 +536,8 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
         model = MiniLLM(model_cfg)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         where = f"the checkpoint {cfg.init_from}" if cfg.init_from else f"--vocab_size {model_cfg.vocab_size}"
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but {where} gives the model only "
-                         f"{model_cfg.vocab_size}; use a matching tokenizer or a larger vocabulary")
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but {where} gives the model only "
+                        f"{model_cfg.vocab_size}; use a matching tokenizer or a larger vocabulary")
     on_demo = bool(defaults.get("data_path")) and cfg.data_path == defaults["data_path"]
     return Stage(model_cfg, cfg, dist_info, tokenizer, model, stage_args, on_demo), args
 
@@ -559,7 +560,11 @@ def load_datasets(stage: Stage, build: Callable, build_eval: Callable | None = N
     from minillm.data import holdout_split
     cfg = stage.cfg
     if cfg.eval_data_path and cfg.eval_split:
-        raise ValueError("give --eval_data_path or --eval_split, not both")
+        raise UserError("give --eval_data_path or --eval_split, not both")
+    from minillm.errors import require_file
+    for flag, path in (("--data_path", cfg.data_path), ("--eval_data_path", cfg.eval_data_path)):
+        if path:  # a UserError naming the flag, before any rank builds anything
+            require_file(path, flag, "pass a jsonl file")
     dataset = build_on_main_first(stage.dist, lambda: build(cfg.data_path))
     if cfg.eval_data_path:
         return dataset, build_on_main_first(stage.dist, lambda: (build_eval or build)(cfg.eval_data_path))
