@@ -33,7 +33,6 @@ from minillm.checkpoint import load_checkpoint, load_config
 from minillm.config import check_device
 from minillm.evaluation import demo_heldout_path, eval_loss, heldout_accuracy, read_heldout
 from minillm.errors import UserError
-from minillm.errors import UserError
 from minillm.generate import PromptTooLongError, generate, prompt_room
 from minillm.lora import load_lora, read_lora_config
 from minillm.reasoning import evaluate_reasoning
