@@ -209,6 +209,15 @@ class TrainConfig:
                                 "every evaluation, in the log and TensorBoard ('' = none)", default="")
     eval_split: float = _help("hold out this seeded fraction of --data_path's rows instead (0 = none)", default=0.0)
     eval_interval: int = _help("evaluate every N optimizer steps and at the end (0 = at every save)", default=0)
+    overwrite: int = _help("1 = a new run may replace the finished run in save_dir/save_weight (its checkpoint "
+                           "history and TensorBoard logs); without it such a run is refused", default=0)
+    keep_last: int = _help("checkpoints kept in save_dir/save_weight.history (hard links, so little extra "
+                           "space); --from_resume falls back to the newest one that loads", default=2)
+    nan_policy: str = _help("a step whose loss or gradient norm is not finite is never applied; stop = end the "
+                            "run (non-zero exit, nothing saved) after --max_bad_steps such steps in a row, "
+                            "skip = keep skipping them", default="stop")
+    max_bad_steps: int = _help("consecutive non-finite steps --nan_policy stop tolerates", default=3)
+
     def __post_init__(self):
         self.validate()
 
@@ -239,6 +248,10 @@ class TrainConfig:
             ("use_tensorboard", self.use_tensorboard in (0, 1), "must be 1 or 0"),
             ("eval_split", 0 <= self.eval_split < 1, "must be a fraction in [0, 1), e.g. 0.05 (0 = none)"),
             ("eval_interval", self.eval_interval >= 0, "must be >= 0 (0 = at every save)"),
+            ("overwrite", self.overwrite in (0, 1), "must be 1 or 0"),
+            ("keep_last", self.keep_last >= 0, "must be >= 0 (0 = keep no history)"),
+            ("nan_policy", self.nan_policy in ("stop", "skip"), "must be stop or skip"),
+            ("max_bad_steps", self.max_bad_steps >= 1, "must be at least 1"),
         ]
         problems = [f"--{name} {getattr(self, name)!r} {rule}" for name, fine, rule in rules if not fine]
         if problems:
@@ -423,9 +436,11 @@ FINE_TUNE_SETTABLE = ("kernel_backend",)
 TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "data": ("data_path", "tokenizer_path", "max_seq_len", "num_workers", "skip_bad_lines"),
     "optimisation": ("epochs", "max_steps", "batch_size", "accumulation_steps", "learning_rate", "min_lr_ratio",
-                     "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed"),
+                     "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "nan_policy",
+                     "max_bad_steps"),
     "hardware": ("device", "dtype", "use_compile", "compile_mode"),
-    "checkpointing": ("save_dir", "save_weight", "init_from", "save_interval", "from_resume"),
+    "checkpointing": ("save_dir", "save_weight", "init_from", "save_interval", "from_resume", "overwrite",
+                      "keep_last"),
     "logging": ("log_interval", "use_tensorboard"),
     "evaluation": ("eval_data_path", "eval_split", "eval_interval"),
 }

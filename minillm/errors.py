@@ -13,6 +13,26 @@ class UserError(ValueError):
     A ValueError, so code that caught ValueError from the library keeps working."""
 
 
+class RunStopped(Exception):
+    """A run that ended early on purpose: divergence, or an interrupt after its checkpoint was saved.
+    `main_guard` prints the message (no traceback) and exits with `exit_code`."""
+    exit_code = 1
+
+
+class TrainingDiverged(RunStopped):
+    """The loss or gradient norm stayed non-finite (--nan_policy stop), or the weights became so;
+    nothing was saved, the previous checkpoint is intact."""
+    exit_code = 3
+
+
+class Interrupted(RunStopped):
+    """SIGINT / SIGTERM: the current step finished and was saved; resume with --from_resume 1."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 class NotFound(UserError, FileNotFoundError):
     """A file or folder the user named does not exist. Also a FileNotFoundError, so code that
     catches that (e.g. "no checkpoint yet: start fresh") keeps working."""

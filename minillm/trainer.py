@@ -21,9 +21,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from minillm import runs
 from minillm.checkpoint import STATE, WEIGHTS, load_trainer_state, resolve_checkpoint, save_checkpoint
 from minillm.config import ModelConfig, TrainConfig
-from minillm.errors import UserError
+from minillm.errors import Interrupted, TrainingDiverged, UserError
 
 H100_BF16_FLOPS = 790e12  # the dense bf16 rate ANCHORS.md measures MFU against
 
@@ -137,7 +138,9 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
 
 
 def build_optimizer(params, cfg: TrainConfig, device: torch.device):
-    """AdamW; no weight decay on norms, biases and other 1-d tensors. Fused kernel on CUDA."""
+    """AdamW; no weight decay on norms, biases and other 1-d tensors. The fused kernel (CUDA and CPU):
+    fast, and it skips a step flagged through `optimizer.found_inf` on the device, without a host
+    sync (the trainer's non-finite guard)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires a gradient")
@@ -146,7 +149,7 @@ def build_optimizer(params, cfg: TrainConfig, device: torch.device):
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -241,6 +244,7 @@ class Trainer:
     def save(self):
         state = self.state()  # a collective under DDP: every rank takes part
         if self.dist.is_main:
+            self.check_finite_weights()
             stage_doc = {"stage": self.stage.stage_args} if self.stage.stage_args else {}
             if self.save_adapter:
                 from minillm.lora import save_lora
@@ -249,37 +253,127 @@ class Trainer:
             else:
                 save_checkpoint(self.run_dir, self.model, self.stage.tokenizer, self.cfg, trainer_state=state,
                                 extra=stage_doc or None)
+            runs.record_history(self.run_dir, self.step, self.cfg.keep_last)
         if self.dist.enabled:
             dist.barrier()
 
-    def try_resume(self) -> bool:
-        if not self.cfg.from_resume:
-            return False
-        try:
-            # an adapter folder holds no model.safetensors; every resumable folder holds the state
-            folder = resolve_checkpoint(self.run_dir, marker=STATE if self.save_adapter else WEIGHTS)
-        except FileNotFoundError:
-            self.log(f"--from_resume 1: no checkpoint at {self.run_dir} yet, starting fresh")
-            return False
+    def check_finite_weights(self):
+        """Never save non-finite weights: the run stops and the previous checkpoint stays."""
+        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
+        if not finite.item():
+            raise TrainingDiverged(f"step {self.step}: the weights hold NaN or inf values; nothing was saved, the "
+                                   f"last checkpoint in {self.run_dir} is kept. Lower --learning_rate or check "
+                                   f"the data, then --from_resume 1")
+
+    def _load_for_resume(self, folder: Path) -> dict:
+        """Restore weights (or the adapter) from `folder`; -> its trainer state. Raises on any damage."""
         state = load_trainer_state(folder)
         if state is None:
-            raise ValueError(f"{folder} has no trainer_state.pt, so it cannot be resumed; "
-                             f"start without --from_resume or pick another --save_weight")
-        if state["world_size"] != self.dist.world_size:
-            raise ValueError(f"{folder} was written by {state['world_size']} processes, this run has "
-                             f"{self.dist.world_size}; resume with the same --nproc_per_node")
+            raise UserError(f"{folder} has no trainer_state.pt, so it cannot be resumed; "
+                            f"start without --from_resume or pick another --save_weight")
+        self.resume_warning = self.check_resume_fits(folder, state)
         if self.save_adapter:
             from minillm.lora import load_lora
             load_lora(self.model, folder)
         else:
             from minillm.checkpoint import load_weights
             load_weights(self.model, folder)
+        return state
+
+    def check_resume_fits(self, folder: Path, state: dict) -> str | None:
+        """Refuse to resume where the saved position or weights would mean something else in this run;
+        settings that are safe to change (learning rate, schedule, length) only get a warning (returned)."""
+        if state["world_size"] != self.dist.world_size:
+            raise UserError(f"{folder} was written by {state['world_size']} processes, this run has "
+                            f"{self.dist.world_size}; resume with the same --nproc_per_node")
+        from minillm.config import load_yaml
+        doc = load_yaml(folder / ("adapter_config.yaml" if self.save_adapter else "config.yaml"))
+        saved_model = doc.get("base_model" if self.save_adapter else "model", {})
+        mine = getattr(self.model, "config", None)
+        if mine is not None:
+            changed = {k: (v, getattr(mine, k)) for k, v in saved_model.items()
+                       if k != "kernel_backend" and hasattr(mine, k) and getattr(mine, k) != v}
+            if changed:
+                raise UserError(f"cannot resume {folder}: the model changed since it was saved ("
+                                + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+                                + "); resume with the original shape or start a new run")
+        saved = doc.get("train", {})
+        now = self.cfg.to_dict()
+        unsafe = [k for k in ("data_path", "batch_size", "accumulation_steps", "max_seq_len", "seed", "init_from")
+                  if k in saved and saved[k] != now[k]]
+        if unsafe:
+            raise UserError(f"cannot resume {folder}: " + ", ".join(f"--{k} {saved[k]!r} -> {now[k]!r}" for k in unsafe)
+                            + " changed, so the saved data position would point elsewhere; resume with the "
+                              "saved values or start a new run (--overwrite 1 or another --save_weight)")
+        safe = [k for k in ("learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "epochs", "max_steps",
+                            "grad_clip", "beta1", "beta2", "dtype") if k in saved and saved[k] != now[k]]
+        return ("warning: resuming with changed " + ", ".join(f"--{k} {saved[k]} -> {now[k]}" for k in safe)
+                if safe else None)
+
+    def try_resume(self) -> bool:
+        """--from_resume 1: continue from the latest checkpoint; if it does not load (truncated or corrupt
+        files), fall back to the newest kept one that does (--keep_last), naming both."""
+        if not self.cfg.from_resume:
+            return False
+        marker = STATE if self.save_adapter else WEIGHTS  # an adapter folder holds no model.safetensors
+        candidates = []
+        try:
+            candidates.append(resolve_checkpoint(self.run_dir, marker=marker))
+        except (FileNotFoundError, UserError):
+            pass
+        candidates += [p for p in runs.history_checkpoints(self.run_dir) if (p / marker).is_file()]
+        if not candidates:
+            self.log(f"--from_resume 1: no checkpoint at {self.run_dir} yet, starting fresh")
+            return False
+        failures = []
+        for folder in candidates:
+            try:
+                state = self._load_for_resume(folder)
+            except UserError as e:
+                if "cannot resume" in str(e) or "processes, this run has" in str(e):
+                    raise  # a mismatch with this run, not damage: every older checkpoint shares it
+                failures.append(f"{folder}: {e}")
+                continue
+            except Exception as e:  # noqa: BLE001 - a damaged file: truncated torch.load, bad yaml, ...
+                failures.append(f"{folder}: {type(e).__name__}: {e}")
+                continue
+            for failure in failures:
+                self.log(f"warning: could not resume from {failure}; falling back to {folder}")
+            if self.resume_warning:
+                self.log(self.resume_warning)
+            break
+        else:
+            raise UserError("--from_resume 1: no checkpoint of this run loads: " + "; ".join(failures))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][self.dist.rank])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.log(f"resumed from {folder} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
         return True
+
+    def claim_run_dir(self):
+        """Before anything is written: hold the run's lock, refuse to replace a finished run unless
+        --overwrite 1 (or --from_resume 1) says so, and remove temp folders of killed runs. Decided on
+        rank 0 (the only writer); every rank raises the same error."""
+        error = None
+        if self.dist.is_main:
+            try:
+                self.lock = runs.RunLock(self.run_dir).acquire()
+                if runs.has_checkpoint(self.run_dir) and not self.cfg.from_resume:
+                    if not self.cfg.overwrite:
+                        runs.refuse_to_replace(self.run_dir)
+                    runs.clear_previous_run(self.run_dir, self.log_dir)
+                    self.log(f"--overwrite 1: {self.run_dir} will be replaced at the first save")
+                for stale in runs.remove_stale_temp_folders(self.run_dir):
+                    self.log(f"removed {stale}, the unfinished save of an earlier run that was killed")
+            except UserError as e:
+                error = str(e)
+        if self.dist.enabled:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise UserError(error)
 
     # -- logging ------------------------------------------------------------------------------
     def log(self, msg: str):
@@ -364,10 +458,90 @@ class Trainer:
             dist.barrier()
 
     # -- the loop -------------------------------------------------------------------------------
+    # -- the non-finite guard ----------------------------------------------------------------------
+    def _flag_nonfinite(self, grad_norm, step_loss):
+        """Device-side, no sync: flag a step whose gradient norm (global: every rank agrees) or, in one
+        process, loss is not finite, so the fused AdamW skips it; count runs of such steps."""
+        bad = ~torch.isfinite(grad_norm)
+        if not self.dist.enabled:
+            bad = bad | ~torch.isfinite(step_loss)
+        self.bad_run = torch.where(bad, self.bad_run + 1, torch.zeros_like(self.bad_run))
+        self.bad_run_max = torch.maximum(self.bad_run_max, self.bad_run)
+        self.bad_total += bad.long()
+        self.last_bad_step = torch.where(bad, torch.full_like(self.last_bad_step, self.step + 1), self.last_bad_step)
+        return bad
+
+    def check_health(self):
+        """Read the guard's counters (one small sync, at log and save time only) and apply --nan_policy."""
+        longest, total, last = (int(x) for x in torch.stack([self.bad_run_max, self.bad_total,
+                                                             self.last_bad_step]).tolist())
+        self.bad_run_max.zero_()
+        if total > self.bad_reported:
+            self.log(f"warning: {total - self.bad_reported} step(s) with a non-finite loss or gradient norm were "
+                     f"skipped (last at step {last}; {total} in this run)")
+            self.bad_reported = total
+        if self.cfg.nan_policy == "stop" and longest >= self.cfg.max_bad_steps:
+            raise TrainingDiverged(
+                f"step {last}: the loss or gradient norm was not finite for {longest} steps in a row "
+                f"(--max_bad_steps {self.cfg.max_bad_steps}); none of them was applied and nothing was saved, "
+                f"the last checkpoint in {self.run_dir} is kept. Lower --learning_rate or check the data, then "
+                f"--from_resume 1 (or --nan_policy skip to keep skipping such steps)")
+
+    # -- interrupts ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _interrupts(self):
+        """SIGINT / SIGTERM set `self.stop_signal`: the loop finishes its optimizer step, saves and stops.
+        A second signal exits at once (the last complete checkpoint is intact: saves are atomic)."""
+        import signal
+        import threading
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handle(signum, frame):
+            if self.stop_signal is not None:
+                print(f"\nsignal {signum} again: exiting now without saving", file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+            self.stop_signal = signum
+            print(f"\nsignal {signum}: finishing this step, then saving and stopping "
+                  f"(send it again to exit at once)", file=sys.stderr, flush=True)
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _stop_requested(self) -> int:
+        """The signal any rank received (0 if none): every rank must stop at the same step. A tiny CPU
+        all-reduce on a gloo group each step: no device sync."""
+        mine = self.stop_signal or 0
+        if not self.dist.enabled:
+            return mine
+        flag = torch.tensor([mine], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctrl_group)
+        return int(flag.item())
+
+    # -- the loop -------------------------------------------------------------------------------
     def fit(self, loss_fn: LossFn, eval_set=None) -> list[float]:
         """Train to the end (resuming first with --from_resume 1), evaluating `eval_set` with the same
         loss_fn every --eval_interval steps and at the end; returns the logged training losses."""
+        self.claim_run_dir()
+        try:
+            with self._interrupts():
+                return self._fit(loss_fn, eval_set)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            if getattr(self, "lock", None) is not None:
+                self.lock.release()
+
+    def _fit(self, loss_fn: LossFn, eval_set=None) -> list[float]:
         cfg = self.cfg
+        self.ctrl_group = None
+        if self.dist.enabled:  # the interrupt flag travels on CPU, never through the GPU's stream
+            self.ctrl_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else None
         self.try_resume()
         if self.dist.is_main and cfg.use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -382,14 +556,19 @@ class Trainer:
         eval_every = cfg.eval_interval if cfg.eval_interval > 0 else cfg.save_interval
         # DDP averages gradients over ranks; the shares already sum over ranks, so scale them back up
         world = self.dist.world_size
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        self.bad_run, self.bad_run_max, self.bad_total = zero.clone(), zero.clone(), zero.clone()
+        self.last_bad_step, self.bad_reported = zero.clone(), 0
 
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict[str, torch.Tensor] = {}
         tokens_since_log, t_log, t_start, steps_since_log = 0, time.perf_counter(), time.perf_counter(), 0
         step_at_start = self.step
+        stopped_by = 0
         for micro_batches in self.step_batches() if self.step < self.total_steps else ():
             totals = self.totals(micro_batches)
+            step_loss = torch.zeros((), device=self.device)
             for i, batch in enumerate(micro_batches):
                 # gradients are all-reduced only on the last micro-batch of the step
                 last = i == len(micro_batches) - 1
@@ -398,24 +577,28 @@ class Trainer:
                     with self.autocast:
                         loss, metrics = loss_fn(self.step_model, batch, totals)
                     self.scaler.scale(loss * world if world > 1 else loss).backward()
-                loss_sum += loss.detach().float()
+                step_loss += loss.detach().float()
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
                 tokens_since_log += batch["n_tokens"] * world  # real tokens, a host int from the collate
+            loss_sum += step_loss
 
             lr = lr_at(self.step, self.total_steps, cfg.learning_rate, self.warmup, cfg.min_lr_ratio)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.scaler.unscale_(self.optimizer)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0
-                         else torch.zeros((), device=self.device))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            bad = self._flag_nonfinite(grad_norm, step_loss)
+            if not self.scaler.is_enabled():  # (fp16's GradScaler flags inf/NaN steps itself)
+                self.optimizer.found_inf = bad.float()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             steps_since_log += 1
 
-            done = self.step >= self.total_steps
+            stopped_by = self._stop_requested()
+            done = self.step >= self.total_steps or bool(stopped_by)
             if self.step % cfg.log_interval == 0 or done or self.step == step_at_start + 1:
                 # the only host syncs of the loop: once per log interval
                 if self.dist.enabled:  # each rank holds its shares: their sum is the step's value
@@ -446,17 +629,20 @@ class Trainer:
                     self.scalar("perf/gpu_mem_gib", mem, self.step)
                     self.scalar("perf/mfu", mfu, self.step)
                 self.log(line)
+                self.check_health()
                 loss_sum = torch.zeros((), device=self.device)
                 metric_sums = {}
                 tokens_since_log, t_log, steps_since_log = 0, time.perf_counter(), 0
-            if eval_set is not None and (done or (eval_every > 0 and self.step % eval_every == 0)):
+            if eval_set is not None and not stopped_by and (done or (eval_every > 0 and self.step % eval_every == 0)):
                 self._run_eval(loss_fn, eval_set)
             if done or (cfg.save_interval > 0 and self.step % cfg.save_interval == 0):
+                self.check_health()
                 self.save()
             if done:
                 break
-        if self.writer is not None:
-            self.writer.close()
+        if stopped_by:
+            raise Interrupted(f"interrupted by signal {stopped_by} after step {self.step}: saved to {self.run_dir}; "
+                              f"continue with the same command plus --from_resume 1", stopped_by)
         return self.history
 
 
@@ -465,14 +651,37 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _is_peer_failure(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        marker in text for marker in ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                                      "NCCL communicator was aborted", "Socket Timeout", "connection refused"))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
 def main_guard(fn):
     """Run a stage's main(); a UserError (a fault the user can fix) becomes one line on stderr and exit
     status 2, anything else keeps its traceback (a bug); tears down DDP either way."""
+    from minillm.errors import RunStopped
     try:
         fn()
+    except RunStopped as e:  # divergence (nothing saved) or an interrupt (saved): said, not a traceback
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)
+    except (RuntimeError, dist.DistError) as e:
+        if not (dist.is_initialized() and dist.get_world_size() > 1 and _is_peer_failure(e)):
+            raise
+        # another process of the job died (killed, out of memory, a crash): this one cannot go on alone
+        print(f"error: rank {dist.get_rank()}: another process of this run stopped ({_first_line(e)}); the last "
+              f"saved checkpoint is intact: fix the cause and rerun with --from_resume 1", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
