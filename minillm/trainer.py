@@ -747,6 +747,12 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
         where = f"the checkpoint {cfg.init_from}" if cfg.init_from else f"--vocab_size {model_cfg.vocab_size}"
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but {where} gives the model only "
                         f"{model_cfg.vocab_size}; use a matching tokenizer or a larger vocabulary")
+    if cfg.max_seq_len > model.config.max_position_embeddings:
+        raise UserError(f"--max_seq_len {cfg.max_seq_len} is longer than the model's context "
+                        f"(max_position_embeddings {model.config.max_position_embeddings}"
+                        + (f", from {cfg.init_from}" if cfg.init_from else "")
+                        + "); use a shorter --max_seq_len"
+                        + ("" if cfg.init_from else " or --set max_position_embeddings=N"))
     on_demo = bool(defaults.get("data_path")) and cfg.data_path == defaults["data_path"]
     return Stage(model_cfg, cfg, dist_info, tokenizer, model, stage_args, on_demo), args
 

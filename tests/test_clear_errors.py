@@ -205,3 +205,14 @@ def test_a_corrupt_tokenizer_or_resume_state_names_the_file(work, tmp_path):
     (folder / "trainer_state.pt").write_bytes(b"not a torch file")
     with pytest.raises(UserError, match="trainer_state.pt cannot be read.*--from_resume"):
         load_trainer_state(folder)
+
+
+# max_seq_len past the model's context (its RoPE range) ------------------------------------------------
+def test_max_seq_len_longer_than_the_context(work):
+    r = pretrain(work, "--max_seq_len", "2048", "--save_dir", work / "ctx")  # debug's context is 1024
+    assert_one_clear_line(r, "--max_seq_len 2048", "max_position_embeddings 1024")
+
+
+def test_tokenizer_larger_than_the_vocabulary(work):
+    r = pretrain(work, "--vocab_size", "1000", "--save_dir", work / "vocab")  # the shipped tokenizer has 2048
+    assert_one_clear_line(r, "tokenizer has 2048 ids", "--vocab_size 1000")
