@@ -2,6 +2,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+HF = ["transformers>=4.51", "peft>=0.15", "tokenizers>=0.21", "gguf>=0.10"]
+
 setup(
     name="minillm",
     version="0.1.0",
@@ -26,7 +28,11 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=7"],
+        # to and from transformers / PEFT / GGUF (scripts/convert_model.py, --init_from an HF folder);
+        # never imported on the training path
+        "hf": HF,
+        # the test suite checks export and import against these, so they come with it
+        "dev": ["pytest>=7", *HF],
         "serve": [],
     },
 )

@@ -2,7 +2,13 @@
 tests run the same kernels in Triton's interpreter (TRITON_INTERPRET=1), and Triton fixes the mode of a
 kernel when its module is imported, so the two cannot share a process: tests/gpu is collected only
 when it is named on its own (`python -m pytest tests/gpu` on a CUDA machine)."""
+import os
 from pathlib import Path
+
+# the export/import tests use transformers, PEFT and tokenizers on folders they write themselves:
+# never reach for a hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 GPU_DIR = Path(__file__).resolve().parent / "gpu"
 
