@@ -38,6 +38,7 @@ class ModelConfig:
     rms_norm_eps: float = _help("RMSNorm epsilon", default=1e-5)
     tie_word_embeddings: bool = _help("share the input embedding and the output head", default=True)
     qk_norm: bool = _help("RMSNorm on queries and keys per head (Qwen3 style)", default=False)
+    attention_bias: bool = _help("biases on the q/k/v projections (Qwen2 style; o_proj has none)", default=False)
     dropout: float = _help("dropout on attention output and MLP output", default=0.0)
     initializer_range: float = _help("std of the normal init", default=0.02)
     # mixture of experts
@@ -137,6 +138,8 @@ class ModelConfig:
         attn = h * d * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
         if self.qk_norm:
             attn += 2 * d
+        if self.attention_bias:
+            attn += d * (self.num_attention_heads + 2 * self.num_key_value_heads)
         if self.use_moe:
             mlp = (self.n_routed_experts + self.n_shared_experts) * 3 * h * self.moe_intermediate_size
             mlp += h * self.n_routed_experts  # router
