@@ -165,8 +165,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "minimind2-moe": dict(vocab_size=6400, hidden_size=640, num_hidden_layers=8, num_attention_heads=8,
                           num_key_value_heads=2, use_moe=True, n_routed_experts=4, num_experts_per_tok=2,
                           n_shared_experts=1),
+    # MiniMind-3 (model/model_minimind.py's MiniMindConfig defaults): Qwen3-style per-head q/k norm,
+    # eps 1e-6, intermediate ceil(768 * pi / 64) * 64 = 2432; published as 64M
     "minimind-3": dict(vocab_size=6400, hidden_size=768, num_hidden_layers=8, num_attention_heads=8,
-                       num_key_value_heads=4, head_dim=96, intermediate_size=2432, rope_theta=1e6),
+                       num_key_value_heads=4, head_dim=96, intermediate_size=2432, rope_theta=1e6,
+                       max_position_embeddings=32768, rms_norm_eps=1e-6, qk_norm=True, tie_word_embeddings=True),
+    # MiniMind-3-MoE (use_moe=True there): 4 experts of width 2432, top-1, no shared expert,
+    # norm_topk_prob, router_aux_loss_coef 5e-4; published as 198M-A64M
+    "minimind-3-moe": dict(vocab_size=6400, hidden_size=768, num_hidden_layers=8, num_attention_heads=8,
+                           num_key_value_heads=4, head_dim=96, intermediate_size=2432, rope_theta=1e6,
+                           max_position_embeddings=32768, rms_norm_eps=1e-6, qk_norm=True,
+                           tie_word_embeddings=True, use_moe=True, n_routed_experts=4, num_experts_per_tok=1,
+                           n_shared_experts=0, moe_intermediate_size=2432, norm_topk_prob=True,
+                           aux_loss_coef=5e-4),
     # the mini_qwen scale: ~1.0B parameters
     "1b": dict(vocab_size=6400, hidden_size=2048, num_hidden_layers=22, num_attention_heads=16,
                num_key_value_heads=4, intermediate_size=5632),

@@ -1,0 +1,188 @@
+"""MiniMind drop-in (issue 15): its presets, its flags, its datasets.
+
+Facts come from jingyaogong/minimind: model/model_minimind.py (MiniMindConfig defaults, module
+names, forward), trainer/*.py (flags), eval_llm.py (eval flags), model/tokenizer_config.json
+(chat template), README (published sizes: minimind-3 "64M", minimind-3-moe "198M-A64M").
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minillm.config import ModelConfig
+from minillm.model import MiniLLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- 1. presets --------------------------------------------------------------------------------
+
+def minimind_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The state dict MiniMindForCausalLM(MiniMindConfig(...)).state_dict() holds, name -> shape,
+    written from model/model_minimind.py (Attention, FeedForward, MOEFeedForward, MiniMindBlock,
+    MiniMindModel, MiniMindForCausalLM; tied lm_head is listed under both names, as torch does)."""
+    h, d, nq, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,),
+              "lm_head.weight": (cfg.vocab_size, h)}
+
+    def ffn(prefix, width):
+        shapes.update({f"{prefix}.gate_proj.weight": (width, h), f"{prefix}.down_proj.weight": (h, width),
+                       f"{prefix}.up_proj.weight": (width, h)})
+
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.self_attn.q_proj.weight": (nq * d, h), f"{p}.self_attn.k_proj.weight": (nkv * d, h),
+                       f"{p}.self_attn.v_proj.weight": (nkv * d, h), f"{p}.self_attn.o_proj.weight": (h, nq * d),
+                       f"{p}.self_attn.q_norm.weight": (d,), f"{p}.self_attn.k_norm.weight": (d,),
+                       f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,)})
+        if cfg.use_moe:
+            shapes[f"{p}.mlp.gate.weight"] = (cfg.n_routed_experts, h)
+            for e in range(cfg.n_routed_experts):
+                ffn(f"{p}.mlp.experts.{e}", cfg.moe_intermediate_size)
+        else:
+            ffn(f"{p}.mlp", cfg.intermediate_size)
+    return shapes
+
+
+def minimind_config_defaults(use_moe: bool) -> dict:
+    """MiniMindConfig(hidden_size=768, num_hidden_layers=8, use_moe=...)'s values, as its __init__
+    computes them."""
+    hidden = 768
+    inter = math.ceil(hidden * math.pi / 64) * 64
+    return dict(hidden_size=hidden, num_hidden_layers=8, vocab_size=6400, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=hidden // 8, intermediate_size=inter, max_position_embeddings=32768,
+                rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, use_moe=use_moe,
+                **(dict(n_routed_experts=4, num_experts_per_tok=1, moe_intermediate_size=inter, norm_topk_prob=True,
+                        aux_loss_coef=5e-4) if use_moe else {}))
+
+
+def active_params(cfg: ModelConfig, total: int) -> int:
+    """trainer_utils.get_model_params: total minus the experts a token does not use."""
+    if not cfg.use_moe:
+        return total
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.num_hidden_layers
+    return total - expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
+
+
+@pytest.mark.parametrize("name,use_moe", [("minimind-3", False), ("minimind-3-moe", True)])
+def test_preset_is_minimind3(name, use_moe):
+    cfg = ModelConfig.preset(name)
+    for key, value in minimind_config_defaults(use_moe).items():
+        assert getattr(cfg, key) == value, key
+    assert cfg.qk_norm  # Attention.q_norm / k_norm
+    assert cfg.n_shared_experts == 0 or not use_moe  # "removed shared expert"
+
+
+def _meta_model(cfg):
+    with torch.device("meta"):
+        return MiniLLM(cfg)
+
+
+@pytest.mark.parametrize("name,published,active", [("minimind-3", "64M", "64M"),
+                                                   ("minimind-3-moe", "198M", "64M")])
+def test_param_counts_match_published(name, published, active):
+    cfg = ModelConfig.preset(name)
+    model = _meta_model(cfg)
+    total = cfg.num_params()
+    assert model.num_params() == total
+    assert f"{round(total / 1e6)}M" == published
+    assert f"{round(active_params(cfg, total) / 1e6)}M" == active
+    # the README's figures, exactly: 63.91M and 198.42M-A63.94M
+    assert (total, active_params(cfg, total)) == {"minimind-3": (63_912_192, 63_912_192),
+                                                  "minimind-3-moe": (198_416_640, 63_936_768)}[name]
+
+
+@pytest.mark.parametrize("name", ["minimind-3", "minimind-3-moe"])
+def test_state_dict_names_and_shapes_are_minimind(name):
+    cfg = ModelConfig.preset(name)
+    ours = {k: tuple(v.shape) for k, v in _meta_model(cfg).state_dict().items()}
+    assert ours == minimind_shapes(cfg)
+
+
+# MiniMind's forward, written out from model/model_minimind.py (eval mode, no cache, no mask)
+
+def _mm_rms(x, w, eps):
+    return w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def _mm_rope(q, k, cfg, T):
+    dim = cfg.head_dim
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    freqs = torch.outer(torch.arange(T).float(), freqs)
+    cos = torch.cat([freqs.cos(), freqs.cos()], -1).unsqueeze(1)
+    sin = torch.cat([freqs.sin(), freqs.sin()], -1).unsqueeze(1)
+
+    def rot(x):
+        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+def _mm_ffn(sd, p, x):
+    return F.linear(F.silu(F.linear(x, sd[f"{p}.gate_proj.weight"])) * F.linear(x, sd[f"{p}.up_proj.weight"]),
+                    sd[f"{p}.down_proj.weight"])
+
+
+def minimind_logits(sd, cfg, ids):
+    B, T = ids.shape
+    nq, nkv, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+    x = F.embedding(ids, sd["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        a = _mm_rms(x, sd[f"{p}.input_layernorm.weight"], eps)
+        q = F.linear(a, sd[f"{p}.self_attn.q_proj.weight"]).view(B, T, nq, d)
+        k = F.linear(a, sd[f"{p}.self_attn.k_proj.weight"]).view(B, T, nkv, d)
+        v = F.linear(a, sd[f"{p}.self_attn.v_proj.weight"]).view(B, T, nkv, d)
+        q, k = _mm_rms(q, sd[f"{p}.self_attn.q_norm.weight"], eps), _mm_rms(k, sd[f"{p}.self_attn.k_norm.weight"], eps)
+        q, k = _mm_rope(q, k, cfg, T)
+        rep = nq // nkv
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)  # repeat_kv
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + F.linear(o.transpose(1, 2).reshape(B, T, -1), sd[f"{p}.self_attn.o_proj.weight"])
+        m = _mm_rms(x, sd[f"{p}.post_attention_layernorm.weight"], eps)
+        if not cfg.use_moe:
+            x = x + _mm_ffn(sd, f"{p}.mlp", m)
+            continue
+        flat = m.reshape(-1, m.shape[-1])
+        scores = F.softmax(F.linear(flat, sd[f"{p}.mlp.gate.weight"]), dim=-1)
+        w, idx = torch.topk(scores, k=cfg.num_experts_per_tok, dim=-1, sorted=False)
+        if cfg.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        y = torch.zeros_like(flat)
+        for e in range(cfg.n_routed_experts):
+            mask = idx == e
+            if mask.any():
+                tok = mask.any(-1).nonzero().flatten()
+                y.index_add_(0, tok, _mm_ffn(sd, f"{p}.mlp.experts.{e}", flat[tok]) * w[mask].view(-1, 1))
+        x = x + y.view_as(x)
+    x = _mm_rms(x, sd["model.norm.weight"], eps)
+    return F.linear(x, sd["lm_head.weight"])
+
+
+@pytest.mark.parametrize("name", ["minimind-3", "minimind-3-moe"])
+def test_minimind_state_dict_loads_with_equal_logits(name):
+    # two layers keep it quick; everything else is the preset's
+    cfg = ModelConfig.preset(name, num_hidden_layers=2, kernel_backend="torch")
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for key, shape in minimind_shapes(cfg).items():
+        if key == "lm_head.weight":
+            continue
+        if len(shape) == 1:  # norms: around 1, not exactly, so a swapped q/k norm would show
+            sd[key] = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            sd[key] = 0.05 * torch.randn(shape, generator=g)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # tied, as MiniMind saves it
+    model = MiniLLM(cfg).eval()
+    missing, unexpected = model.load_state_dict(sd, strict=True)
+    assert not missing and not unexpected
+    ids = torch.randint(0, cfg.vocab_size, (2, 13), generator=g)
+    with torch.no_grad():
+        ours, theirs = model(ids), minimind_logits(sd, cfg, ids)
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
