@@ -586,7 +586,53 @@ def build_parser(description: str, train_defaults: dict | None = None, *,
     for name in MODEL_FLAGS:
         _add_field_flag(model, ModelConfig, name, model_texts[name])
     add_set_flag(model, set_text, MODEL_FLAGS)
+    _add_minimind_flags(groups)
     return parser
+
+
+# -- MiniMind's own flags (trainer/train_*.py) that have no TrainConfig field of that name ----------
+def _add_minimind_flags(groups) -> None:
+    groups["checkpointing"].add_argument(
+        "--from_weight", default=argparse.SUPPRESS, metavar="NAME",
+        help="MiniMind's flag: start from the checkpoint folder <save_dir>/NAME (pretrain, full_sft, dpo, reason, "
+             "...), i.e. --init_from <save_dir>/NAME; none = from scratch (default: the stage's --init_from)")
+    groups["logging"].add_argument(
+        "--use_wandb", action="store_true", default=argparse.SUPPRESS,
+        help="MiniMind's flag, accepted: minillm logs to TensorBoard (<save_dir>/logs/<save_weight>), not wandb "
+             "(default: off)")
+    groups["logging"].add_argument(
+        "--wandb_project", default=argparse.SUPPRESS, metavar="TEXT",
+        help="MiniMind's flag, accepted and unused (logs go to TensorBoard) (default: none)")
+
+
+def apply_minimind_flags(args: argparse.Namespace, train_defaults: dict | None = None) -> list[str]:
+    """Turns MiniMind's flags into ours before resolve(): `--from_weight NAME` sets args.init_from to
+    <save_dir>/NAME ('' for none); returns the notes a stage prints (one for --use_wandb)."""
+    notes = []
+    given = vars(args)
+    if "from_weight" in given:
+        name = str(given.pop("from_weight")).strip()
+        if "init_from" in given:
+            raise UserError(f"--from_weight {name} and --init_from {given['init_from']} both say where to start: "
+                            f"give one")
+        if name.lower() in ("none", ""):
+            args.init_from = ""
+        else:
+            doc = load_yaml(given["config"]) if given.get("config") else {}
+            save_dir = (given.get("save_dir") or _section(doc, "train", given.get("config")).get("save_dir")
+                        or (train_defaults or {}).get("save_dir") or TrainConfig.save_dir)
+            folder = Path(save_dir) / name
+            if not folder.is_dir():
+                hint = (f"; MiniMind's {name}.pth files are not checkpoints here (README: Coming from MiniMind)"
+                        if "_" in name and name.rsplit("_", 1)[-1].isdigit() or name.endswith(".pth") else "")
+                raise NotFound(f"--from_weight {name}: no checkpoint folder {folder} (the name of a stage's folder "
+                               f"under --save_dir {save_dir}, e.g. pretrain or full_sft; none = from scratch){hint}")
+            args.init_from = str(folder)
+    if given.get("use_wandb"):
+        project = given.get("wandb_project")
+        notes.append(f"--use_wandb: minillm logs to TensorBoard, not wandb{f' (project {project} unused)' if project else ''}"
+                     f"; view with `tensorboard --logdir {Path(given.get('save_dir') or TrainConfig.save_dir) / 'logs'}`")
+    return notes
 
 
 def _section(doc: dict, name: str, path) -> dict:

@@ -708,7 +708,7 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
     `extra_args(parser)` adds the stage's own flags; returns (Stage, args).
     """
     from minillm.checkpoint import load_checkpoint, load_config
-    from minillm.config import build_parser, load_yaml, resolve
+    from minillm.config import apply_minimind_flags, build_parser, load_yaml, resolve
     from minillm.model import MiniLLM
     from minillm.tokenizer import Tokenizer
 
@@ -718,6 +718,7 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
         extra_args(parser)
     args = parser.parse_args(argv)
     stage_args = {a.dest: getattr(args, a.dest) for a in parser._actions if a.dest not in common}
+    notes = apply_minimind_flags(args, defaults)  # --from_weight NAME -> args.init_from; --use_wandb's note
     init_from = getattr(args, "init_from", defaults.get("init_from", ""))
     if init_from and not hasattr(args, "init_from") and hasattr(args, "save_dir"):  # flags absent unless given
         # the stage default names the previous stage's folder under the default save dir: follow
@@ -733,6 +734,8 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
     else:
         model_cfg, cfg = resolve(args, defaults)
     dist_info = setup_distributed(cfg.device)
+    for note in notes if dist_info.is_main else ():
+        print(note, flush=True)
     seed_everything(cfg.seed)
     if cfg.init_from:
         model, ckpt_tok = load_checkpoint(cfg.init_from, kernel_backend=model_cfg.kernel_backend)

@@ -186,3 +186,53 @@ def test_minimind_state_dict_loads_with_equal_logits(name):
     with torch.no_grad():
         ours, theirs = model(ids), minimind_logits(sd, cfg, ids)
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
+
+
+# -- 2. MiniMind's flags -----------------------------------------------------------------------
+
+def run(script, *args, ok=True):
+    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert (r.returncode == 0) == ok, r.stdout + r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """MiniMind's pretrain command (its flags, values as it writes them) on a little demo data, then its
+    SFT command with --from_weight pretrain: out/pretrain and out/full_sft."""
+    root = tmp_path_factory.mktemp("minimind")
+    for name, n in (("pretrain", 40), ("sft", 24)):
+        lines = (ROOT / f"dataset/demo/{name}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = root / "out"
+    common = ["--save_dir", out, "--epochs", 1, "--batch_size", 4, "--device", "cpu", "--dtype", "bfloat16",
+              "--num_workers", 0, "--accumulation_steps", 1, "--grad_clip", 1.0, "--log_interval", 1,
+              "--save_interval", 1, "--from_resume", 0, "--use_compile", 0, "--max_steps", 1]
+    pre = run("train_pretrain.py", "--preset", "debug", "--data_path", root / "pretrain.jsonl", "--save_weight",
+              "pretrain", "--max_seq_len", 32, "--from_weight", "none", "--use_wandb", "--wandb_project",
+              "MiniMind-Pretrain", *common)
+    sft = run("train_full_sft.py", "--data_path", root / "sft.jsonl", "--save_weight", "full_sft", "--max_seq_len",
+              64, "--from_weight", "pretrain", "--use_wandb", *common)
+    return root, out, pre, sft
+
+
+def test_trainer_accepts_minimind_flags(chain):
+    root, out, pre, sft = chain
+    assert "--use_wandb: minillm logs to TensorBoard" in pre.stdout and "MiniMind-Pretrain" in pre.stdout
+    assert (out / "logs" / "pretrain").is_dir()  # where the note says the logs are
+    assert f"from {out / 'pretrain'}" in sft.stdout  # --from_weight pretrain -> <save_dir>/pretrain
+    assert (out / "full_sft").is_dir()
+
+
+def test_from_weight_refusals(chain):
+    root, out, _, _ = chain
+    base = ["--data_path", root / "sft.jsonl", "--save_dir", out, "--device", "cpu"]
+    r = run("train_full_sft.py", *base, "--from_weight", "pretrain_768", ok=False)
+    assert "--from_weight pretrain_768: no checkpoint folder" in r.stderr and ".pth" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run("train_full_sft.py", *base, "--from_weight", "pretrain", "--init_from", out / "pretrain", ok=False)
+    assert "--from_weight pretrain and --init_from" in r.stderr
+    # MiniMind's shape flags: a fine-tuned model keeps its checkpoint's shape, said by name
+    r = run("train_full_sft.py", *base, "--from_weight", "pretrain", "--hidden_size", 768, "--use_moe", 1, ok=False)
+    assert "hidden_size" in r.stderr and "use_moe" in r.stderr and "Traceback" not in r.stderr
