@@ -102,6 +102,11 @@ def resolve_checkpoint(folder, marker: str = WEIGHTS) -> Path:
 
 
 def load_config(folder) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, the config.yaml doc) of a checkpoint; a transformers folder or a MiniMind .pth
+    is read by minillm.hf (its config.json mapped, unsupported features refused by name)."""
+    from minillm import hf
+    if hf.import_source(folder) is not None:
+        return hf.load_config(folder)
     folder = resolve_checkpoint(folder)
     doc = load_yaml(folder / CONFIG)
     if "model" not in doc:
@@ -122,7 +127,13 @@ def read_safetensors(path) -> dict:
 
 def load_weights(model, folder, strict: bool = True):
     """Load folder/model.safetensors into `model`; a UserError naming the file when it is corrupt or its
-    tensors do not fit the model's shapes (e.g. a config.yaml edited after the save)."""
+    tensors do not fit the model's shapes (e.g. a config.yaml edited after the save). A transformers
+    folder or a MiniMind .pth loads through minillm.hf, always strictly."""
+    from minillm import hf
+    source = hf.import_source(folder)
+    if source is not None:
+        state = hf.to_minillm_state(hf.read_weights(source), model.config, str(source[1]))
+        return hf.load_state_into(model, state, str(source[1]))
     folder = resolve_checkpoint(folder)
     path = folder / WEIGHTS
     state = read_safetensors(path)
@@ -145,10 +156,19 @@ def load_weights(model, folder, strict: bool = True):
 
 
 def load_checkpoint(folder, device="cpu", kernel_backend: str | None = None, with_tokenizer: bool = True):
-    """-> (model, tokenizer): any checkpoint folder a stage script wrote."""
+    """-> (model, tokenizer): any checkpoint folder a stage script wrote, a transformers folder
+    (config.json + safetensors) of a supported architecture, or a MiniMind state dict file (.pth)."""
+    from minillm import hf
     from minillm.model import MiniLLM
     from minillm.tokenizer import Tokenizer
 
+    if hf.import_source(folder) is not None:
+        model = hf.load_model(folder, device, kernel_backend)
+        tok = hf.load_tokenizer(folder) if with_tokenizer else None
+        if tok is not None and tok.vocab_size > model.config.vocab_size:
+            raise UserError(f"{folder}: tokenizer has {tok.vocab_size} ids but the model only "
+                            f"{model.config.vocab_size}; the tokenizer belongs to another model")
+        return model, tok
     folder = resolve_checkpoint(folder)
     cfg, _ = load_config(folder)
     if kernel_backend is not None:
@@ -156,7 +176,8 @@ def load_checkpoint(folder, device="cpu", kernel_backend: str | None = None, wit
     model = load_weights(MiniLLM(cfg), folder).to(device)
     tok = None
     if with_tokenizer:
-        tok = Tokenizer.load(folder / TOKENIZER if (folder / TOKENIZER).is_file() else None)
+        has_tok = (folder / TOKENIZER).is_file() or (folder / "tokenizer.json").is_file()
+        tok = Tokenizer.load(folder if has_tok else None)  # tokenizer.json (an imported model's) or .model
         if tok.vocab_size > cfg.vocab_size:
             raise UserError(f"{folder}: tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}; "
                             f"its {TOKENIZER} belongs to another model")

@@ -46,20 +46,36 @@ class Tokenizer:
                 raise UserError(f"tokenizer model has no {piece!r} token; it was not made by train_tokenizer.py "
                                 f"(retrain with `python train_tokenizer.py`)")
             self.special_ids[name] = token_id
-        self.pad_id = self.special_ids["pad"]
-        self.eos_id = self.special_ids["endoftext"]  # separates pretraining documents
-        self.im_start_id = self.special_ids["im_start"]
-        self.im_end_id = self.special_ids["im_end"]
-        self.think_tag_ids = [self.special_ids[k] for k in ("think_start", "think_end", "answer_start", "answer_end")]
-        self.stop_ids = [self.im_end_id, self.eos_id]  # either one ends an assistant reply
-        self._special_id_set = frozenset(self.special_ids.values())
+        self._set_specials(self.special_ids)
+
+    def _set_specials(self, special_ids: dict):
+        """The special-id attributes from {name: id} (SPECIAL_TOKENS' names). Another backend (an HF
+        tokenizer.json, minillm.hf.HFTokenizer) calls this after its own setup; names it lacks
+        are None there (the think tags: left out of think_tag_ids)."""
+        self.special_ids = dict(special_ids)
+        self.pad_id = special_ids["pad"]
+        self.eos_id = special_ids["endoftext"]  # separates pretraining documents
+        self.im_start_id = special_ids.get("im_start")
+        self.im_end_id = special_ids.get("im_end")
+        self.think_tag_ids = [special_ids[k] for k in ("think_start", "think_end", "answer_start", "answer_end")
+                              if special_ids.get(k) is not None]
+        # either one ends an assistant reply
+        self.stop_ids = [i for i in dict.fromkeys((self.im_end_id, self.eos_id)) if i is not None]
+        self._special_id_set = frozenset(i for i in special_ids.values() if i is not None)
         self._newline = self.encode("\n")
 
     # ---- loading / saving ---------------------------------------------------------------------
     @classmethod
     def load(cls, path=None):
-        """Load a .model file, or a folder holding tokenizer.model; None -> the shipped tokenizer."""
+        """Load a .model file, or a folder holding tokenizer.model; None -> the shipped tokenizer.
+        A tokenizer.json (or a folder holding one: a transformers folder, preferred there over a
+        tokenizer.model beside it) loads as minillm.hf.HFTokenizer, which needs `tokenizers`."""
         path = Path(path) if path is not None else ASSETS_DIR / MODEL_FILENAME
+        if path.is_dir() and (path / "tokenizer.json").is_file():
+            path = path / "tokenizer.json"
+        if path.suffix == ".json":
+            from minillm.hf import HFTokenizer
+            return HFTokenizer.load(path)
         if path.is_dir():
             path = path / MODEL_FILENAME
         if not path.is_file():
