@@ -84,7 +84,77 @@ def build_parser():
                                                  "demo set of this stage for demo checkpoints, 'none' = skip")
     p.add_argument("--max_seq_len", type=int, default=512, help="row length for --eval_data (default 512)")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
+    add_minimind_flags(p)
     return p
+
+
+def add_minimind_flags(p):
+    """MiniMind's eval_llm.py / eval_model.py flags, so its commands run here (mapped onto ours)."""
+    g = p.add_argument_group("MiniMind's flags", "accepted so MiniMind's eval commands run; each maps onto a flag above")
+    g.add_argument("--weight", default=None, metavar="NAME",
+                   help="checkpoint folder <save_dir>/NAME (pretrain, full_sft, dpo, reason, ...): --checkpoint "
+                        "<save_dir>/NAME; a name holding 'pretrain' continues raw text, as --model_mode 0")
+    g.add_argument("--load_from", default=None, metavar="DIR",
+                   help="load this checkpoint folder (= --checkpoint DIR); MiniMind's 'model' means its own "
+                        ".pth weights and is ignored here (--weight picks the folder)")
+    g.add_argument("--lora_weight", default=None, metavar="NAME", help="= --lora_name NAME (None = no adapter)")
+    g.add_argument("--historys", type=int, default=None, metavar="N", help="= --history_cnt N")
+    g.add_argument("--out_dir", default=None, metavar="DIR", help="(MiniMind2) = --save_dir DIR")
+    g.add_argument("--open_thinking", type=int, choices=(0, 1), default=None,
+                   help="1: let a reasoning model think, 0: prefill an empty think block (the chat's /think on|off "
+                        "as it starts; default on)")
+    g.add_argument("--inference_rope_scaling", nargs="?", const=True, default=None, metavar="",
+                   help="refused: YaRN RoPE scaling is not implemented yet")
+    for name, kind in (("hidden_size", int), ("num_hidden_layers", int), ("use_moe", int)):
+        g.add_argument(f"--{name}", type=kind, default=None, metavar="N",
+                       help="ignored: the checkpoint's config fixes the model's shape")
+
+
+MINIMIND_ALIASES = {"lora_weight": "lora_name", "historys": "history_cnt", "out_dir": "save_dir"}
+
+
+def apply_minimind_flags(args, argv=None) -> None:
+    """Maps MiniMind's flags onto ours (UserError for a contradiction or what is not implemented)."""
+    if args.inference_rope_scaling:
+        raise UserError("--inference_rope_scaling: YaRN is not implemented yet; drop the flag (prompts and "
+                        "replies then stay within the model's max_position_embeddings)")
+    given = set()
+    for a in argv if argv is not None else sys.argv[1:]:
+        if a.startswith("--"):
+            given.add(a[2:].split("=", 1)[0])
+    for theirs, ours in MINIMIND_ALIASES.items():
+        value = getattr(args, theirs)
+        if value is None:
+            continue
+        if ours in given and str(getattr(args, ours)) != str(value):
+            raise UserError(f"--{theirs} {value} and --{ours} {getattr(args, ours)} disagree: give one")
+        setattr(args, ours, "" if theirs == "lora_weight" and value in ("None", "none") else value)
+    if args.load_from not in (None, "model"):
+        if args.checkpoint or args.weight:
+            raise UserError(f"--load_from {args.load_from} and --{'checkpoint' if args.checkpoint else 'weight'} "
+                            f"both name the model: give one")
+        args.checkpoint = args.load_from
+    if args.weight is not None:
+        if args.checkpoint:
+            raise UserError(f"--weight {args.weight} and --checkpoint {args.checkpoint} both name the model: give one")
+        if "model_mode" in given:
+            raise UserError(f"--weight {args.weight} and --model_mode {args.model_mode} both pick the checkpoint "
+                            f"folder: give one")
+        args.checkpoint = str(Path(args.save_dir) / args.weight)
+        modes = {folder: mode for mode, folder in MODE_FOLDERS.items()}
+        args.model_mode = modes.get(args.weight, 0 if "pretrain" in args.weight else 1)
+
+
+def shape_flag_notes(args, config) -> list[str]:
+    """One note per MiniMind shape flag given: the checkpoint decides the shape."""
+    notes = []
+    for name in ("hidden_size", "num_hidden_layers", "use_moe"):
+        value = getattr(args, name)
+        if value is not None:
+            has = getattr(config, name)
+            notes.append(f"[--{name} {value} ignored: the checkpoint's config fixes the shape ({name} "
+                         f"{int(has) if isinstance(has, bool) else has})]")
+    return notes
 
 
 def check_args(args):
@@ -335,9 +405,13 @@ def chat_loop(model, tok, args, chat: bool, read=input, state: ChatState | None 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    apply_minimind_flags(args, argv)
     check_args(args)
     torch.manual_seed(args.seed)
     model, tok, folder, lora = load_model(args)
+    for note in shape_flag_notes(args, model.config):
+        print(note)
+    think = args.open_thinking != 0  # None (not given) or 1: on
     chat = args.model_mode != 0 or bool(lora)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {folder}{' + LoRA ' + lora if lora else ''} ({n_params / 1e6:.2f}M parameters) on "
@@ -349,7 +423,7 @@ def main(argv=None):
             raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves {max(room, 0)} of the model's "
                             f"{model.config.max_position_embeddings} positions for the prompt: lower it")
         prepare_stdio()
-        chat_loop(model, tok, args, chat)
+        chat_loop(model, tok, args, chat, state=ChatState(think=think))
         return
 
     if args.eval_data:
@@ -363,7 +437,8 @@ def main(argv=None):
         history = []
         for prompt in LORA_PROMPTS.get(lora) or PROMPTS[args.model_mode]:
             print(f"\n{'prompt' if not chat else 'user'}> {prompt}")
-            chat_turn(model, tok, history, prompt, args, chat, label="model> " if not chat else "assistant> ")
+            chat_turn(model, tok, history, prompt, args, chat, think=think,
+                      label="model> " if not chat else "assistant> ")
         if args.model_mode >= 1 and not no_heldout and is_demo_run(folder, lora, args.save_dir):
             demo = demo_heldout_path(lora or MODE_FOLDERS[args.model_mode])
             heldout = str(demo) if demo else ""

@@ -236,3 +236,55 @@ def test_from_weight_refusals(chain):
     # MiniMind's shape flags: a fine-tuned model keeps its checkpoint's shape, said by name
     r = run("train_full_sft.py", *base, "--from_weight", "pretrain", "--hidden_size", 768, "--use_moe", 1, ok=False)
     assert "hidden_size" in r.stderr and "use_moe" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_model_takes_minimind_eval_flags(chain):
+    """eval_llm.py's flags: --load_from model --weight NAME under --save_dir, --lora_weight None,
+    --historys, --open_thinking 0 (the chat starts with /think off), shape flags noted and ignored."""
+    _, out, _, _ = chain
+    r = subprocess.run([sys.executable, str(ROOT / "eval_model.py"), "--load_from", "model", "--save_dir", str(out),
+                        "--weight", "full_sft", "--lora_weight", "None", "--historys", "2", "--open_thinking", "0",
+                        "--hidden_size", "768", "--num_hidden_layers", "8", "--use_moe", "0", "--device", "cpu",
+                        "--max_new_tokens", "3", "--interactive", "--show_prompt"],
+                       cwd=ROOT, input="hi\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"model: {out / 'full_sft'} " in r.stdout and "; chat" in r.stdout
+    assert "[--hidden_size 768 ignored: the checkpoint's config fixes the shape (hidden_size 64)]" in r.stdout
+    assert "[--num_hidden_layers 8 ignored" in r.stdout and "[--use_moe 0 ignored" in r.stdout
+    prompt = r.stdout.split("[prompt:")[1].split("\n")[0]
+    assert prompt.rstrip("'").endswith("assistant\\n<think>\\n\\n</think>\\n")  # thinking off from the start
+    r = subprocess.run([sys.executable, str(ROOT / "eval_model.py"), "--save_dir", str(out), "--weight", "full_sft",
+                        "--inference_rope_scaling"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--inference_rope_scaling: YaRN is not implemented yet" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_eval_model_flag_mapping(chain, monkeypatch, capsys):
+    import io
+
+    import eval_model
+    from minillm.lora import apply_lora, save_lora
+    from minillm.checkpoint import load_checkpoint
+    _, out, _, _ = chain
+    model, _ = load_checkpoint(out / "full_sft")
+    apply_lora(model, rank=2)
+    save_lora(out / "lora_medical", model, {})
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    base = ["--device", "cpu", "--max_new_tokens", "2", "--interactive"]
+    eval_model.main(base + ["--out_dir", str(out), "--weight", "pretrain"])  # MiniMind2's --out_dir
+    said = capsys.readouterr().out
+    assert f"model: {out / 'pretrain'} (" in said and "raw text continuation" in said  # 'pretrain' in --weight
+    eval_model.main(base + ["--load_from", str(out / "full_sft"), "--save_dir", str(out), "--lora_weight",
+                            "lora_medical"])
+    assert "+ LoRA lora_medical" in capsys.readouterr().out
+    args = eval_model.build_parser().parse_args(["--weight", "pretrain", "--historys", "4", "--save_dir", str(out)])
+    eval_model.apply_minimind_flags(args, ["--weight", "pretrain", "--historys", "4"])
+    assert (args.checkpoint, args.model_mode, args.history_cnt) == (str(out / "pretrain"), 0, 4)
+    args = eval_model.build_parser().parse_args(["--weight", "reason"])
+    eval_model.apply_minimind_flags(args, ["--weight", "reason"])
+    assert (args.checkpoint, args.model_mode) == (str(Path("out") / "reason"), 3)
+    for argv, says in ((["--weight", "dpo", "--model_mode", "2"], "both pick"),
+                       (["--historys", "2", "--history_cnt", "4"], "disagree"),
+                       (["--load_from", "x", "--checkpoint", "y"], "both name")):
+        with pytest.raises(ValueError, match=says):
+            eval_model.apply_minimind_flags(eval_model.build_parser().parse_args(argv), argv)
