@@ -395,6 +395,8 @@ class MissingTokenizer:
         self._message = message
 
     def __getattr__(self, name):
+        if name.startswith("__") or name == "_message":  # copy/pickle probes: not a use
+            raise AttributeError(name)
         raise UserError(self._message)
 
 
@@ -463,7 +465,9 @@ class HFTokenizer(Tokenizer):
         ids = {k: v for k, v in ids.items() if v is not None}
         eos = ids.get("endoftext")
         if eos is None:
-            eos = self._id_of(_token_text(tcfg.get("eos_token"))) or self._id_of("</s>")
+            eos = self._id_of(_token_text(tcfg.get("eos_token")))
+        if eos is None:
+            eos = self._id_of("</s>")
         if eos is None:
             raise UserError(f"{source}: no end-of-text token (<|endoftext|>, tokenizer_config.json's eos_token or "
                             f"</s>); minillm separates documents with it")

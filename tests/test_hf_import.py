@@ -102,6 +102,18 @@ def test_sharded_safetensors_and_pytorch_bin(tmp_path):
     assert max_diff(hf_model, tmp_path / "bin")[0] <= 1e-5
 
 
+def test_fused_moe_experts_split_per_expert(tmp_path):
+    """transformers 5 keeps a Qwen3-MoE layer's experts as two 3D tensors in memory (gate_up_proj,
+    down_proj); a state dict saved from it loads split per expert."""
+    hf_model = save_hf(tmp_path, transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    state = hf_model.state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert max_diff(hf_model, tmp_path)[0] <= 1e-5
+
+
 REFUSED = {
     "rope_parameters.rope_type": ("LlamaConfig", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                                        "rope_theta": 1e4,
@@ -325,6 +337,15 @@ def test_minimind_pth_loads_with_minimind_logits(name, tmp_path):
         diff = (model.eval()(ids) - minimind_reference(state, cfg, ids, current)).abs().max().item()
     print(f"minimind {name}: max |logit diff| {diff:.2e}")
     assert diff <= 1e-4
+    if name == "current":  # fine-tunes from the .pth with MiniMind's tokenizer.json given on the side
+        build_tokenizer(tmp_path / "tok")
+        r = subprocess.run([sys.executable, str(ROOT / "train_full_sft.py"), "--init_from", str(path),
+                            "--tokenizer_path", str(tmp_path / "tok" / "tokenizer.json"),
+                            "--data_path", str(write_sft(tmp_path / "sft.jsonl")), "--save_dir", str(tmp_path / "o"),
+                            "--max_steps", "1", "--batch_size", "2", "--max_seq_len", "64", "--device", "cpu",
+                            "--num_workers", "0"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert isinstance(load_checkpoint(tmp_path / "o" / "full_sft")[1], hf.HFTokenizer)
     save_checkpoint(tmp_path / "ours", model)  # an ordinary minillm checkpoint from here on
     again, _ = load_checkpoint(tmp_path / "ours", with_tokenizer=False, kernel_backend="torch")
     assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
