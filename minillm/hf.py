@@ -285,6 +285,9 @@ def config_from_minimind(d: dict, where: str, weight_names=(), shapes: dict | No
     tensors (q_norm present or not) where they are at hand, else from the config's keys."""
     names = set(weight_names)
     shapes = shapes or {}
+    if "tok_embeddings.weight" in names or any(".attention.wq." in n for n in names):
+        raise UserError(f"{where}: MiniMind's 2024 (v1) layout (tok_embeddings, layers.N.attention.wq, ...) is "
+                        f"not supported; minillm reads MiniMind2's and the current model_minimind.py's names")
     if names:
         current = any(".self_attn.q_norm." in n for n in names)
     else:

@@ -311,6 +311,8 @@ MINIMIND = {  # what the loader must infer from the tensors alone (MiniMind's de
                          head_dim=8, intermediate_size=96, qk_norm=True, rms_norm_eps=1e-6, use_moe=True,
                          n_routed_experts=4, num_experts_per_tok=1, n_shared_experts=0,
                          moe_intermediate_size=96), True),
+    "v2": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=192, rms_norm_eps=1e-5), False),
     "v2-moe": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                     intermediate_size=192, rms_norm_eps=1e-5, use_moe=True, n_routed_experts=4,
                     num_experts_per_tok=2, n_shared_experts=1), False),
@@ -325,7 +327,7 @@ def test_minimind_pth_loads_with_minimind_logits(name, tmp_path):
     path = tmp_path / "out" / f"full_sft_{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}.pth"
     path.parent.mkdir()
     torch.save(state, path)
-    if name.startswith("v2"):  # MiniMind2 models are not shape-readable from tensors alone: its config.json
+    if name == "v2-moe":  # a config.json beside it (MiniMind's fields) where the defaults do not fit
         (path.parent / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 8,
                                                              "use_moe": True, "n_routed_experts": 4}))
     model, tok = load_checkpoint(path, kernel_backend="torch")
