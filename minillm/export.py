@@ -579,6 +579,14 @@ def export_gguf(model, tokenizer, path, dtype: torch.dtype = torch.float32, over
 
 
 # ---- the command ------------------------------------------------------------------------------------
+def _not_inside(path, folder: Path, what: str):
+    """Refuse an output that would replace (or sit inside) the folder being exported."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    if path == folder or folder in path.parents or path in folder.parents:
+        raise UserError(f"{what} {path} would overwrite the checkpoint {folder} being exported; "
+                        f"write somewhere else")
+
+
 def convert(checkpoint, out=None, gguf=None, base=None, base_name=None, merge=False, dtype="auto",
             max_shard_size="5GB", overwrite=False) -> list[Path]:
     """What scripts/convert_model.py does: a full checkpoint or an adapter folder -> the asked formats."""
@@ -604,6 +612,9 @@ def convert(checkpoint, out=None, gguf=None, base=None, base_name=None, merge=Fa
     for path, what in ((out, "--out"), (gguf, "--gguf")):
         if path:
             check_out(path, overwrite, what)
+            _not_inside(path, folder, what)
+            if base:
+                _not_inside(path, Path(base), what)
     written = []
     if is_adapter:
         model, tokenizer, _, _, base_folder = load_adapter_model(folder, base)

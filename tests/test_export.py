@@ -30,6 +30,8 @@ ARCHS = {  # case -> (ModelConfig overrides, the transformers class it must load
     "qwen3": (dict(qk_norm=True, head_dim=32), "Qwen3ForCausalLM"),
     "qwen3_moe": (dict(use_moe=True, qk_norm=True, n_shared_experts=0, num_experts_per_tok=2),
                   "Qwen3MoeForCausalLM"),
+    "qwen3_moe_top1": (dict(use_moe=True, qk_norm=True, n_shared_experts=0, num_experts_per_tok=1,
+                            rms_norm_eps=1e-6), "Qwen3MoeForCausalLM"),  # as minimind-3-moe
     "qwen2_moe_2shared": (dict(use_moe=True, n_shared_experts=2, moe_intermediate_size=48), "Qwen2MoeForCausalLM"),
     "qwen2_moe_noshared_top1": (dict(use_moe=True, n_shared_experts=0, num_experts_per_tok=1,
                                      norm_topk_prob=False), "Qwen2MoeForCausalLM"),
@@ -92,6 +94,13 @@ def test_export_is_exact_enough_to_notice_a_wrong_weight(tmp_path):
     save_file(state, str(path), metadata={"format": "pt"})
     with torch.no_grad():
         assert max_diff(hf_load(tmp_path / "hf")(ids()).logits, model(ids())) > 1e-3
+
+
+@pytest.mark.parametrize("preset,arch", [("minimind2-small", "LlamaForCausalLM"), ("minimind-3", "Qwen3ForCausalLM"),
+                                         ("minimind-3-moe", "Qwen3MoeForCausalLM"),
+                                         ("minimind2-moe", "Qwen2MoeForCausalLM")])
+def test_presets_map_to_their_architecture(preset, arch):
+    assert hf_architecture(ModelConfig.preset(preset))[0] == arch
 
 
 def test_qk_norm_with_shared_experts_is_refused_with_the_reason(tmp_path):
@@ -198,7 +207,7 @@ def _adapter(tmp_path, rslora=False, targets=None, **overrides):
         for m in base.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
-    save_lora(tmp_path / "lora", base, {"base": str(tmp_path / "base")})
+    save_lora(tmp_path / "lora", base, {"base": "base"})  # as a run records it: relative to where it ran
     return base
 
 
@@ -207,7 +216,7 @@ def test_peft_adapter_logits_equal_ours(tmp_path, rslora):
     peft = pytest.importorskip("peft")
     ours = _adapter(tmp_path, rslora=rslora)
     export_model(tmp_path / "base", tmp_path / "hf_base")
-    convert(tmp_path / "lora", out=tmp_path / "peft", base_name=str(tmp_path / "hf_base"))
+    convert(tmp_path / "lora", out=tmp_path / "peft", base=tmp_path / "base", base_name=str(tmp_path / "hf_base"))
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["use_rslora"] is rslora
     model = peft.PeftModel.from_pretrained(hf_load(tmp_path / "hf_base"), tmp_path / "peft").eval()
@@ -233,10 +242,10 @@ def test_moe_adapter_on_experts_is_refused_but_attention_only_exports(tmp_path):
     peft = pytest.importorskip("peft")
     _adapter(tmp_path / "a", use_moe=True, n_shared_experts=1)
     with pytest.raises(UserError, match="mixture-of-experts.*--merge"):
-        convert(tmp_path / "a" / "lora", out=tmp_path / "a" / "peft")
+        convert(tmp_path / "a" / "lora", out=tmp_path / "a" / "peft", base=tmp_path / "a" / "base")
     ours = _adapter(tmp_path / "b", targets=("q_proj", "v_proj"), use_moe=True, n_shared_experts=1)
     export_model(tmp_path / "b" / "base", tmp_path / "b" / "hf_base")
-    convert(tmp_path / "b" / "lora", out=tmp_path / "b" / "peft")
+    convert(tmp_path / "b" / "lora", out=tmp_path / "b" / "peft", base=tmp_path / "b" / "base")
     model = peft.PeftModel.from_pretrained(hf_load(tmp_path / "b" / "hf_base"), tmp_path / "b" / "peft").eval()
     with torch.no_grad():
         assert max_diff(model(ids()).logits, ours(ids())) <= TOL
@@ -327,14 +336,15 @@ def test_gguf_holds_our_tensors_hparams_and_vocab(tmp_path, case):
         assert torch.equal(got, want), name
 
 
-def test_gguf_refuses_moe_and_unmerged_adapters(tmp_path):
+def test_gguf_refuses_moe_and_unmerged_adapters_and_merges_with_the_recorded_base(tmp_path):
     model = make_model(use_moe=True, qk_norm=True, n_shared_experts=0)
     with pytest.raises(UserError, match="dense models"):
         export_gguf(model, TOK, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
     _adapter(tmp_path)
     with pytest.raises(UserError, match="--merge 1"):
-        convert(tmp_path / "lora", gguf=tmp_path / "a.gguf")
+        convert(tmp_path / "lora", gguf=tmp_path / "a.gguf", base=tmp_path / "base")
+    # the recorded base "base" is not under the cwd: found beside the adapter folder
     convert(tmp_path / "lora", gguf=tmp_path / "a.gguf", merge=True)
     assert (tmp_path / "a.gguf").stat().st_size > 0
 
@@ -355,7 +365,29 @@ def test_cli_refuses_to_overwrite_and_says_so_in_one_line(tmp_path):
     for args, message in [(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")], "no checkpoint"),
                           (["--checkpoint", str(tmp_path / "ckpt")], "nothing to write"),
                           (["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "y"), "--merge", "1"],
-                           "drop --merge")]:
+                           "drop --merge"),
+                          (["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ckpt")],
+                           "would overwrite the checkpoint")]:
         with pytest.raises(UserError, match=message):
             convert(**{"checkpoint": args[1], "out": args[3] if len(args) > 3 else None,
-                       "merge": "--merge" in args})
+                       "merge": "--merge" in args, "overwrite": True})
+
+
+def test_gguf_float16_keeps_norms_in_float32(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    model = make_model()
+    export_gguf(model, TOK, tmp_path / "m.gguf", dtype=torch.float16)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    down = torch.from_numpy(tensors["blk.0.ffn_down.weight"].data.copy())
+    assert torch.equal(down, model.model.layers[0].mlp.down_proj.weight.detach().half())
+
+
+def test_adapter_without_a_findable_base_names_the_fix(tmp_path):
+    base = make_model()
+    apply_lora(base, rank=2, alpha=4)
+    save_lora(tmp_path / "lora", base, {"base": "runs/gone"})
+    with pytest.raises(UserError, match="runs/gone.*pass --base DIR"):
+        convert(tmp_path / "lora", out=tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
