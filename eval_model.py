@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from minillm.checkpoint import load_checkpoint, load_config
-from minillm.config import check_device
+from minillm.config import check_device, weight_path
 from minillm.evaluation import demo_heldout_path, eval_loss, heldout_accuracy, read_heldout
 from minillm.errors import UserError
 from minillm.generate import PromptTooLongError, generate, prompt_room
@@ -92,8 +92,9 @@ def add_minimind_flags(p):
     """MiniMind's eval_llm.py / eval_model.py flags, so its commands run here (mapped onto ours)."""
     g = p.add_argument_group("MiniMind's flags", "accepted so MiniMind's eval commands run; each maps onto a flag above")
     g.add_argument("--weight", default=None, metavar="NAME",
-                   help="checkpoint folder <save_dir>/NAME (pretrain, full_sft, dpo, reason, ...): --checkpoint "
-                        "<save_dir>/NAME; a name holding 'pretrain' continues raw text, as --model_mode 0")
+                   help="checkpoint folder <save_dir>/NAME (pretrain, full_sft, dpo, reason, ...), else MiniMind's "
+                        "<save_dir>/NAME_<hidden_size>[_moe].pth; a name holding 'pretrain' continues raw text, as "
+                        "--model_mode 0")
     g.add_argument("--load_from", default=None, metavar="DIR",
                    help="load this checkpoint folder (= --checkpoint DIR); MiniMind's 'model' means its own "
                         ".pth weights and is ignored here (--weight picks the folder)")
@@ -107,7 +108,8 @@ def add_minimind_flags(p):
                    help="refused: YaRN RoPE scaling is not implemented yet")
     for name, kind in (("hidden_size", int), ("num_hidden_layers", int), ("use_moe", int)):
         g.add_argument(f"--{name}", type=kind, default=None, metavar="N",
-                       help="ignored: the checkpoint's config fixes the model's shape")
+                       help="ignored: the checkpoint's config fixes the model's shape (with --weight they pick "
+                        "among MiniMind's NAME_<hidden_size>[_moe].pth files)")
 
 
 MINIMIND_ALIASES = {"lora_weight": "lora_name", "historys": "history_cnt", "out_dir": "save_dir"}
@@ -140,7 +142,7 @@ def apply_minimind_flags(args, argv=None) -> None:
         if "model_mode" in given:
             raise UserError(f"--weight {args.weight} and --model_mode {args.model_mode} both pick the checkpoint "
                             f"folder: give one")
-        args.checkpoint = str(Path(args.save_dir) / args.weight)
+        args.checkpoint = str(weight_path(args.save_dir, args.weight, "--weight", args.hidden_size, args.use_moe))
         modes = {folder: mode for mode, folder in MODE_FOLDERS.items()}
         args.model_mode = modes.get(args.weight, 0 if "pretrain" in args.weight else 1)
 
@@ -148,6 +150,8 @@ def apply_minimind_flags(args, argv=None) -> None:
 def shape_flag_notes(args, config) -> list[str]:
     """One note per MiniMind shape flag given: the checkpoint decides the shape."""
     notes = []
+    if str(args.checkpoint).endswith(".pth"):  # MiniMind's file, picked by these flags; its tensors give the shape
+        return notes
     for name in ("hidden_size", "num_hidden_layers", "use_moe"):
         value = getattr(args, name)
         if value is not None:

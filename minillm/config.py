@@ -605,6 +605,32 @@ def _add_minimind_flags(groups) -> None:
         help="MiniMind's flag, accepted and unused (logs go to TensorBoard) (default: none)")
 
 
+def weight_path(save_dir, name: str, flag: str, hidden_size=None, use_moe=None) -> Path:
+    """What MiniMind's weight name NAME means under save_dir: our checkpoint folder save_dir/NAME, else
+    MiniMind's own file save_dir/NAME_<hidden_size>[_moe].pth (picked by hidden_size / use_moe when
+    several are there; load_checkpoint imports it), else save_dir/NAME.pth; NotFound naming `flag`."""
+    import re
+    root = Path(save_dir)
+    if (root / name).is_dir() or (root / name).is_file() and name.endswith(".pth"):
+        return root / name
+    pattern = re.compile(re.escape(name) + r"_(\d+)(_moe)?\.pth")
+    files = sorted(p for p in root.glob(f"{name}_*.pth") if pattern.fullmatch(p.name))
+    if hidden_size is not None:
+        files = [p for p in files if int(pattern.fullmatch(p.name).group(1)) == int(hidden_size)]
+    if use_moe is not None:
+        files = [p for p in files if bool(pattern.fullmatch(p.name).group(2)) == bool(int(use_moe))]
+    if len(files) > 1:
+        raise UserError(f"{flag} {name}: several MiniMind weight files under {root} ({', '.join(p.name for p in files)}); "
+                        f"pick one with --hidden_size N and --use_moe 0/1")
+    if files:
+        return files[0]
+    if (root / f"{name}.pth").is_file():
+        return root / f"{name}.pth"
+    raise NotFound(f"{flag} {name}: no checkpoint folder {root / name} and no MiniMind file {root / name}_<hidden_size>"
+                   f"[_moe].pth (the name of a stage's folder under --save_dir {save_dir}, e.g. pretrain or full_sft"
+                   f"{'; none = from scratch' if flag == '--from_weight' else ''})")
+
+
 def apply_minimind_flags(args: argparse.Namespace, train_defaults: dict | None = None) -> list[str]:
     """Turns MiniMind's flags into ours before resolve(): `--from_weight NAME` sets args.init_from to
     <save_dir>/NAME ('' for none); returns the notes a stage prints (one for --use_wandb)."""
@@ -621,13 +647,8 @@ def apply_minimind_flags(args: argparse.Namespace, train_defaults: dict | None =
             doc = load_yaml(given["config"]) if given.get("config") else {}
             save_dir = (given.get("save_dir") or _section(doc, "train", given.get("config")).get("save_dir")
                         or (train_defaults or {}).get("save_dir") or TrainConfig.save_dir)
-            folder = Path(save_dir) / name
-            if not folder.is_dir():
-                hint = (f"; MiniMind's {name}.pth files are not checkpoints here (README: Coming from MiniMind)"
-                        if "_" in name and name.rsplit("_", 1)[-1].isdigit() or name.endswith(".pth") else "")
-                raise NotFound(f"--from_weight {name}: no checkpoint folder {folder} (the name of a stage's folder "
-                               f"under --save_dir {save_dir}, e.g. pretrain or full_sft; none = from scratch){hint}")
-            args.init_from = str(folder)
+            args.init_from = str(weight_path(save_dir, name, "--from_weight", given.get("hidden_size"),
+                                             given.get("use_moe")))
     if given.get("use_wandb"):
         project = given.get("wandb_project")
         notes.append(f"--use_wandb: minillm logs to TensorBoard, not wandb{f' (project {project} unused)' if project else ''}"

@@ -280,11 +280,48 @@ def test_eval_model_flag_mapping(chain, monkeypatch, capsys):
     args = eval_model.build_parser().parse_args(["--weight", "pretrain", "--historys", "4", "--save_dir", str(out)])
     eval_model.apply_minimind_flags(args, ["--weight", "pretrain", "--historys", "4"])
     assert (args.checkpoint, args.model_mode, args.history_cnt) == (str(out / "pretrain"), 0, 4)
-    args = eval_model.build_parser().parse_args(["--weight", "reason"])
+    (out / "reason").mkdir(exist_ok=True)
+    args = eval_model.build_parser().parse_args(["--weight", "reason", "--save_dir", str(out)])
     eval_model.apply_minimind_flags(args, ["--weight", "reason"])
-    assert (args.checkpoint, args.model_mode) == (str(Path("out") / "reason"), 3)
+    assert (args.checkpoint, args.model_mode) == (str(out / "reason"), 3)
+    with pytest.raises(FileNotFoundError, match="--weight rlhf: no checkpoint folder"):
+        eval_model.apply_minimind_flags(eval_model.build_parser().parse_args(["--weight", "rlhf"]), [])
     for argv, says in ((["--weight", "dpo", "--model_mode", "2"], "both pick"),
                        (["--historys", "2", "--history_cnt", "4"], "disagree"),
                        (["--load_from", "x", "--checkpoint", "y"], "both name")):
         with pytest.raises(ValueError, match=says):
             eval_model.apply_minimind_flags(eval_model.build_parser().parse_args(argv), argv)
+
+
+def test_minimind_pth_files_by_their_weight_name(tmp_path):
+    """MiniMind saves out/<weight>_<hidden_size>[_moe].pth: --from_weight / --weight NAME find it (picked by
+    --hidden_size / --use_moe when several are there) and the import loads it."""
+    import argparse
+
+    from minillm.config import apply_minimind_flags
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.model").write_bytes((ROOT / "minillm/assets/tokenizer.model").read_bytes())
+    cfg = ModelConfig(vocab_size=2048, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=4, intermediate_size=192, qk_norm=True, rms_norm_eps=1e-6)
+    g = torch.Generator().manual_seed(0)
+    sd = {k: (1 + 0.1 * torch.randn(s, generator=g)) if len(s) == 1 else 0.05 * torch.randn(s, generator=g)
+          for k, s in minimind_shapes(cfg).items()}
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    torch.save({k: v.half() for k, v in sd.items()}, out / "full_sft_64.pth")
+    torch.save({}, out / "full_sft_64_moe.pth")  # never opened: --use_moe 0 picks the dense one
+    (out / "full_sft_64_resume.pth").write_bytes(b"")  # MiniMind's resume file is not a weight name
+
+    def from_weight(*flags):
+        args = argparse.Namespace(save_dir=str(out), from_weight="full_sft", **dict(zip(flags[::2], flags[1::2])))
+        apply_minimind_flags(args)
+        return args.init_from
+    assert from_weight("use_moe", False) == str(out / "full_sft_64.pth")
+    assert from_weight("hidden_size", 64, "use_moe", True) == str(out / "full_sft_64_moe.pth")
+    with pytest.raises(ValueError, match="several MiniMind weight files"):
+        from_weight()
+    r = subprocess.run([sys.executable, str(ROOT / "eval_model.py"), "--save_dir", str(out), "--weight", "full_sft",
+                        "--hidden_size", "64", "--use_moe", "0", "--device", "cpu", "--max_new_tokens", "2",
+                        "--interactive"], cwd=ROOT, input="hi\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"model: {out / 'full_sft_64.pth'} (" in r.stdout and "ignored" not in r.stdout
