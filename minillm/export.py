@@ -506,16 +506,20 @@ def gguf_tensors(state: dict, cfg) -> dict:
 
 
 def gguf_vocab(tokenizer, vocab_size: int):
-    """(pieces, scores, token types) of the SentencePiece model, padded to the model's vocab_size with
-    unused [PADn] pieces as convert_hf_to_gguf.py does."""
+    """(pieces, scores, token types) of the SentencePiece model as convert_hf_to_gguf.py makes them from our
+    transformers export: SentencePiece's type numbers (GGUF's are the same: 1 normal, 2 unknown, 3 control,
+    4 user-defined, 5 unused, 6 byte), our special tokens CONTROL (special in tokenizer_config.json; llama.cpp
+    matches them in text when it parses specials, as its chat does), the other user-defined pieces ('\n')
+    USER_DEFINED, and the rows past the tokenizer (a padded vocab_size) unused [PADn] pieces."""
+    from minillm.tokenizer import SPECIAL_TOKENS
     proto = _sp_proto(tokenizer)
+    specials = set(SPECIAL_TOKENS.values())
     tokens = [p.piece for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
-    # SentencePiece's piece types and GGUF's token types share their numbers (1 normal ... 6 byte)
-    types = [int(p.type) for p in proto.pieces]
+    types = [3 if p.type == 4 and p.piece in specials else int(p.type) for p in proto.pieces]
     for i in range(len(tokens), vocab_size):
         tokens.append(f"[PAD{i}]")
-        scores.append(-1000.0)
+        scores.append(-10000.0)
         types.append(5)
     return tokens, scores, types
 

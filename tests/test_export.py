@@ -309,7 +309,10 @@ def test_gguf_holds_our_tensors_hparams_and_vocab(tmp_path, case):
     assert field("tokenizer.ggml.model") == "llama" and len(tokens) == cfg.vocab_size
     assert tokens[:TOK.vocab_size] == [TOK.id_to_piece(i) for i in range(TOK.vocab_size)]
     types = field("tokenizer.ggml.token_type")
-    assert types[TOK.im_end_id] == gguf.TokenType.USER_DEFINED and types[TOK.encode("é")[0]] == gguf.TokenType.BYTE
+    assert types[TOK.im_end_id] == types[TOK.special_ids["think_start"]] == gguf.TokenType.CONTROL
+    assert types[TOK.encode("\n")[0]] == gguf.TokenType.USER_DEFINED
+    assert types[TOK.encode("é")[0]] == gguf.TokenType.BYTE and types[TOK.encode("Hello")[0]] == gguf.TokenType.NORMAL
+    assert types[0] == gguf.TokenType.UNKNOWN and set(types[TOK.vocab_size:]) <= {gguf.TokenType.UNUSED}
     assert field("tokenizer.ggml.eos_token_id") == TOK.im_end_id
     assert field("tokenizer.ggml.padding_token_id") == TOK.pad_id
     assert field("tokenizer.ggml.add_bos_token") is False and field("tokenizer.chat_template") == chat_template()
