@@ -29,16 +29,12 @@ from minillm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 HF_CONFIG = "config.json"
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-             "MiniMindForCausalLM (model_type minimind)")
+             "Qwen2MoeForCausalLM (zero shared_expert_gate only)", "MiniMindForCausalLM (model_type minimind)")
 STATE_SUFFIXES = (".pth", ".pt", ".bin")
 _ARCH_BY_TYPE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                  "minimind": "MiniMindForCausalLM"}
-_REFUSED_ARCHS = {
-    "Qwen2MoeForCausalLM": "its shared expert is scaled by a sigmoid gate (mlp.shared_expert_gate) and has its "
-                           "own width (shared_expert_intermediate_size); minillm's MoE adds its shared experts "
-                           "ungated at moe_intermediate_size",
-}
+_REFUSED_ARCHS: dict = {}
 
 
 # ---- what a path is ---------------------------------------------------------------------------
@@ -132,6 +128,8 @@ def to_minillm_state(state: dict, cfg: ModelConfig, where: str) -> dict:
     for name, t in state.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
+        if ".mlp.shared_expert" in name and ".mlp.shared_experts." not in name:
+            continue  # Qwen2-MoE's gated shared expert: below
         m = _FUSED.fullmatch(name)
         if m:  # transformers-5 in-memory layout: gate_up_proj [E, 2I, H] (gate first), down_proj [E, H, I]
             layer, kind = m.groups()
@@ -146,6 +144,7 @@ def to_minillm_state(state: dict, cfg: ModelConfig, where: str) -> dict:
                     out[f"{prefix}.{e}.down_proj.weight"] = t[e]
             continue
         out[name] = t
+    _qwen2_moe_shared(state, out, cfg, where)
     if cfg.tie_word_embeddings and "lm_head.weight" in out:
         embed = out.get("model.embed_tokens.weight")
         if embed is None or not torch.equal(out["lm_head.weight"], embed):
@@ -154,6 +153,35 @@ def to_minillm_state(state: dict, cfg: ModelConfig, where: str) -> dict:
                             f"config do not belong together")
         del out["lm_head.weight"]
     return out
+
+
+def _qwen2_moe_shared(state: dict, out: dict, cfg: ModelConfig, where: str):
+    """Qwen2-MoE's shared expert -> minillm's ungated shared experts, exactly: only a zero
+    shared_expert_gate (sigmoid = 0.5 everywhere, folded into down_proj x 0.5) imports."""
+    for name, gate in state.items():
+        m = re.fullmatch(r"(model\.layers\.\d+\.mlp\.)shared_expert_gate\.weight", name)
+        if not m:
+            continue
+        p = m.group(1)
+        if gate.abs().max().item() != 0:
+            raise UserError(f"{where}: {name} is not zero: Qwen2-MoE scales its shared expert by "
+                            f"sigmoid(shared_expert_gate(x)) per token, and minillm's shared experts are ungated, "
+                            f"so this model (e.g. a Qwen1.5/Qwen2-MoE release) cannot be imported exactly; only "
+                            f"zero gates (what minillm's own export writes) import")
+        try:
+            g, u, dn = (state[f"{p}shared_expert.{k}_proj.weight"] for k in ("gate", "up", "down"))
+        except KeyError as e:
+            raise UserError(f"{where}: {name} is there but not {e.args[0]}") from None
+        n = cfg.n_shared_experts
+        if n == 0:
+            if any(t.abs().max().item() != 0 for t in (g, u, dn)):
+                raise UserError(f"{where}: {p}shared_expert has width {g.shape[0]} (not a multiple of "
+                                f"moe_intermediate_size) and is not zero; it cannot be imported exactly")
+            continue
+        for e, (ge, ue, de) in enumerate(zip(g.chunk(n, 0), u.chunk(n, 0), dn.chunk(n, 1))):
+            out[f"{p}shared_experts.{e}.gate_proj.weight"] = ge
+            out[f"{p}shared_experts.{e}.up_proj.weight"] = ue
+            out[f"{p}shared_experts.{e}.down_proj.weight"] = de * 0.5  # sigmoid(0); a power of two: exact
 
 
 def load_state_into(model, state: dict, where: str):
@@ -223,7 +251,7 @@ def config_from_hf(d: dict, where: str, weight_names=()) -> ModelConfig:
         return config_from_minimind(d, where, weight_names)
     if arch in _REFUSED_ARCHS:
         raise UserError(f"{where}: {arch} is not supported: {_REFUSED_ARCHS[arch]}")
-    if arch not in SUPPORTED:
+    if arch not in [a.split(" ")[0] for a in SUPPORTED]:
         raise UserError(f"{where}: architecture {arch or model_type or '(none given)'} is not supported; "
                         f"minillm imports {', '.join(SUPPORTED)}")
     problems = []
@@ -244,6 +272,8 @@ def config_from_hf(d: dict, where: str, weight_names=()) -> ModelConfig:
     attention_bias = False
     if arch == "Qwen2ForCausalLM":
         attention_bias = True  # Qwen2 always has q/k/v biases and none on o_proj
+    elif arch == "Qwen2MoeForCausalLM":
+        attention_bias = bool(d.get("qkv_bias", True))
     elif d.get("attention_bias"):
         refuse("attention_bias", True, f"{arch} then puts a bias on o_proj too; minillm has q/k/v biases only "
                                        f"(Qwen2's)")
@@ -261,7 +291,7 @@ def config_from_hf(d: dict, where: str, weight_names=()) -> ModelConfig:
                   tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                   qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), attention_bias=attention_bias,
                   initializer_range=float(d.get("initializer_range", 0.02)))
-    if arch == "Qwen3MoeForCausalLM":
+    if arch in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"):
         if int(d.get("decoder_sparse_step", 1)) != 1:
             refuse("decoder_sparse_step", d["decoder_sparse_step"], "minillm puts an MoE in every layer")
         if d.get("mlp_only_layers"):
@@ -271,6 +301,18 @@ def config_from_hf(d: dict, where: str, weight_names=()) -> ModelConfig:
                       moe_intermediate_size=int(d["moe_intermediate_size"]),
                       norm_topk_prob=bool(d.get("norm_topk_prob", False)),
                       aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)))
+    if arch == "Qwen2MoeForCausalLM":
+        # one shared expert of width W, scaled by sigmoid(shared_expert_gate(x)): minillm's ungated shared
+        # experts hold it exactly when the gate is zero (a constant 0.5, folded into down_proj; checked on
+        # load) and W is a multiple of moe_intermediate_size (split into W / moe_intermediate_size experts)
+        width, moe_width = int(d.get("shared_expert_intermediate_size", 0)), values["moe_intermediate_size"]
+        if width % moe_width == 0:
+            values["n_shared_experts"] = width // moe_width
+        elif width == 1:
+            values["n_shared_experts"] = 0  # a one-row zero expert (minillm's export without shared experts)
+        else:
+            refuse("shared_expert_intermediate_size", width, f"not a multiple of moe_intermediate_size={moe_width}; "
+                                                             f"minillm's shared experts are that wide")
     if problems:
         raise UserError(f"{where}: {arch} with features minillm does not compute: {'; '.join(problems)}")
     return ModelConfig.from_dict(values, where=where)

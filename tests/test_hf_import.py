@@ -124,8 +124,9 @@ REFUSED = {
     "hidden_act": ("LlamaConfig", dict(hidden_act="gelu")),
     "decoder_sparse_step": ("Qwen3MoeConfig", dict(decoder_sparse_step=2, num_experts=4, num_experts_per_tok=2,
                                                    moe_intermediate_size=16)),
-    "Qwen2MoeForCausalLM": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                                                   shared_expert_intermediate_size=32)),
+    "shared_expert_intermediate_size": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
+                                                               moe_intermediate_size=16,
+                                                               shared_expert_intermediate_size=24)),
 }
 
 
@@ -140,12 +141,29 @@ def test_unsupported_features_are_refused_by_name(feature, tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_qwen2_moe_imports_exactly_when_its_shared_expert_gate_is_zero(tmp_path):
+    """Qwen2-MoE gates its shared expert by sigmoid(shared_expert_gate(x)): a zero gate (minillm's own
+    export writes one) is a constant 0.5, and the expert splits into ungated minillm shared experts."""
+    kw = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32)
+    hf_model = save_hf(tmp_path / "gated", transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, **kw)
+    with pytest.raises(UserError, match="shared_expert_gate.weight is not zero"):
+        load_checkpoint(tmp_path / "gated", with_tokenizer=False)
+    for layer in hf_model.model.layers:
+        torch.nn.init.zeros_(layer.mlp.shared_expert_gate.weight)
+    hf_model.save_pretrained(tmp_path / "zero")
+    diff, ours = max_diff(hf_model, tmp_path / "zero")
+    print(f"qwen2-moe (zero shared gate): max |logit diff| {diff:.2e}")
+    assert diff <= 1e-5 and ours.config.n_shared_experts == 2 and ours.config.attention_bias
+
+
 def test_old_style_rope_scaling_and_other_architectures_refused():
     d = {"architectures": ["LlamaForCausalLM"], **SMALL, "rope_scaling": {"type": "linear", "factor": 2.0}}
     with pytest.raises(UserError, match="rope_scaling.rope_type"):
         hf.config_from_hf(d, "c")
     with pytest.raises(UserError, match="MistralForCausalLM is not supported.*Qwen3ForCausalLM"):
         hf.config_from_hf({**d, "architectures": ["MistralForCausalLM"]}, "c")
+    with pytest.raises(UserError, match="v1"):
+        hf.config_from_minimind({}, "m", ["tok_embeddings.weight"])
     cfg = hf.config_from_hf({**SMALL, "architectures": ["Qwen2ForCausalLM"], "rope_theta": 5e5}, "c")
     assert cfg.rope_theta == 5e5 and cfg.attention_bias and not cfg.tie_word_embeddings
 
@@ -373,3 +391,22 @@ def test_minimind_transformers_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**doc, "inference_rope_scaling": True}))
     with pytest.raises(UserError, match="inference_rope_scaling"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(qk_norm=True), dict(qk_norm=True, use_moe=True, n_shared_experts=0),
+                                dict(use_moe=True, n_shared_experts=2)],
+                         ids=["llama", "qwen3", "qwen3-moe", "qwen2-moe"])
+def test_round_trip_through_minillm_export(kw, tmp_path):
+    """export_model (minillm.export) then import: the same logits and the same tokens, rendered chats too."""
+    export = pytest.importorskip("minillm.export")
+    tok = Tokenizer.load()
+    torch.manual_seed(0)
+    model = MiniLLM(ModelConfig.preset("debug", vocab_size=tok.vocab_size, kernel_backend="torch", **kw)).eval()
+    save_checkpoint(tmp_path / "ours", model, tok)
+    export.export_model(tmp_path / "ours", tmp_path / "hf")
+    back, tok2 = load_checkpoint(tmp_path / "hf", kernel_backend="torch")
+    ids = torch.randint(0, tok.vocab_size, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(model(ids), back.eval()(ids))
+    msgs = [{"role": "user", "content": "Hello 你好"}, {"role": "assistant", "content": "达卡亚人说达卡亚语。"}]
+    assert isinstance(tok2, hf.HFTokenizer) and tok2.render_chat(msgs) == tok.render_chat(msgs)
