@@ -3,12 +3,14 @@
 What loads (through `load_checkpoint(path)`, `load_config(path)` and `--init_from path`):
 - a transformers folder (config.json + model.safetensors, a sharded model.safetensors.index.json,
   or pytorch_model.bin[.index.json] read with torch.load(weights_only=True)) of LlamaForCausalLM,
-  Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, or MiniMind's own (model_type minimind);
+  Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Qwen2MoeForCausalLM when its
+  shared_expert_gate is zero (what minillm's export writes), or MiniMind's own (model_type minimind);
 - a MiniMind state dict file (out/*.pth, e.g. full_sft_768.pth), current or MiniMind2 layout; its
   shape is read from the tensors, MiniMind's defaults and a config.json beside it (MiniMind's fields).
 
 Parameter names are already Llama/Qwen's (see minillm/model.py), so the weight mapping is the identity
-except for fused MoE expert tensors (split per expert) and a tied lm_head (checked, then left out).
+except for fused MoE expert tensors (split per expert), Qwen2-MoE's shared expert (split into ungated
+shared experts) and a tied lm_head (checked equal to the embedding, then left out).
 Every feature minillm's decoder does not compute is refused by name: nothing is dropped silently.
 The loaded model is an ordinary MiniLLM; save_checkpoint writes an ordinary minillm checkpoint
 that carries the tokenizer files (tokenizer.json + tokenizer_config.json).
@@ -75,22 +77,21 @@ def _torch_load(path: Path) -> dict:
 
 def read_weights(source: tuple[str, Path]) -> dict:
     """{name: tensor} as stored: one safetensors file, its shards, or a torch state dict."""
-    from safetensors.torch import load_file
+    from minillm.checkpoint import read_safetensors
     kind, path = source
     if kind == "state":
         return _torch_load(path)
-    for index_name, reader in (("model.safetensors.index.json", load_file), ("pytorch_model.bin.index.json", _torch_load)):
-        single = path / index_name.replace(".index.json", "")
-        if single.is_file():
-            return dict(reader(str(single)) if reader is load_file else reader(single))
-        index = path / index_name
+    for single, reader in (("model.safetensors", read_safetensors), ("pytorch_model.bin", _torch_load)):
+        if (path / single).is_file():
+            return dict(reader(path / single))
+        index = path / f"{single}.index.json"
         if index.is_file():
             weight_map = _read_json(index).get("weight_map") or {}
             state = {}
             for shard in sorted(set(weight_map.values())):
                 if not (path / shard).is_file():
                     raise NotFound(f"{index} names the shard {shard}, which is not in {path}")
-                state.update(load_file(str(path / shard)) if reader is load_file else reader(path / shard))
+                state.update(reader(path / shard))
             return state
     raise NotFound(f"{path} has {HF_CONFIG} but no weights: expected model.safetensors, "
                    f"model.safetensors.index.json with its shards, or pytorch_model.bin")
@@ -209,7 +210,7 @@ def load_state_into(model, state: dict, where: str):
 
 
 # ---- configs ----------------------------------------------------------------------------------
-def _rope_theta_and_refusals(d: dict, arch: str, default_theta: float, refuse) -> float:
+def _rope_theta_and_refusals(d: dict, default_theta: float, refuse) -> float:
     params = d.get("rope_parameters")
     scaling = d.get("rope_scaling")
     theta = d.get("rope_theta")
@@ -240,15 +241,14 @@ def _sliding_layers(d: dict, n_layers: int) -> list:
     return [i for i in range(n_layers) if i >= first]
 
 
-def config_from_hf(d: dict, where: str, weight_names=()) -> ModelConfig:
+def config_from_hf(d: dict, where: str) -> ModelConfig:
     """transformers config.json (a dict) -> ModelConfig; a UserError naming every feature minillm's
-    decoder would not compute the same way. `weight_names` lets MiniMind's config (which does not
-    say whether its attention has q/k norms, or its MoE shared experts) be settled by its tensors."""
+    decoder would not compute the same way."""
     model_type = d.get("model_type", "")
     archs = d.get("architectures") or []
     arch = archs[0] if archs else _ARCH_BY_TYPE.get(model_type, "")
     if model_type == "minimind" or arch == "MiniMindForCausalLM":
-        return config_from_minimind(d, where, weight_names)
+        return config_from_minimind(d, where)
     if arch in _REFUSED_ARCHS:
         raise UserError(f"{where}: {arch} is not supported: {_REFUSED_ARCHS[arch]}")
     if arch not in [a.split(" ")[0] for a in SUPPORTED]:
@@ -282,7 +282,7 @@ def config_from_hf(d: dict, where: str, weight_names=()) -> ModelConfig:
         refuse("use_sliding_window", d.get("use_sliding_window", True),
                f"sliding-window attention on layers {sliding[:4]}{'...' if len(sliding) > 4 else ''}; minillm "
                f"attends to the whole context")
-    theta = _rope_theta_and_refusals(d, arch, 10000.0, refuse)
+    theta = _rope_theta_and_refusals(d, 10000.0, refuse)
     values = dict(vocab_size=int(d["vocab_size"]), hidden_size=hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=int(kv), head_dim=int(head_dim),
                   intermediate_size=int(d["intermediate_size"]),
@@ -406,12 +406,11 @@ def load_config(path) -> tuple[ModelConfig, dict]:
     kind, p = source
     if kind == "hf":
         d = _read_json(p / HF_CONFIG)
-        names = ()
         if d.get("model_type") == "minimind":
             shapes = _weight_shapes(source)
             cfg = config_from_minimind(d, str(p / HF_CONFIG), shapes.keys(), shapes)
         else:
-            cfg = config_from_hf(d, str(p / HF_CONFIG), names)
+            cfg = config_from_hf(d, str(p / HF_CONFIG))
     else:
         side = p.parent / HF_CONFIG
         d = _read_json(side) if side.is_file() else {}
@@ -450,8 +449,14 @@ def load_tokenizer(path):
     (HFTokenizer) or tokenizer.model beside it; a MissingTokenizer when there is none."""
     kind, p = import_source(path)
     folder = p if kind == "hf" else p.parent
-    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file():
+    if (folder / "tokenizer.json").is_file():
         return Tokenizer.load(folder)
+    if (folder / "tokenizer.model").is_file():
+        try:
+            return Tokenizer.load(folder)
+        except UserError as e:  # a foreign SentencePiece model: an error when used, so --tokenizer_path can stand in
+            return MissingTokenizer(f"{e}. minillm reads a transformers folder's tokenizer.model only when "
+                                    f"minillm made it; give the folder its tokenizer.json, or pass --tokenizer_path")
     return MissingTokenizer(f"{p} comes without a tokenizer (no tokenizer.json or tokenizer.model beside it); "
                             f"pass --tokenizer_path DIR (e.g. MiniMind's model/ folder, which holds its "
                             f"tokenizer.json) or copy the tokenizer files next to it")

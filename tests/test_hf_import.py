@@ -410,3 +410,16 @@ def test_round_trip_through_minillm_export(kw, tmp_path):
         assert torch.equal(model(ids), back.eval()(ids))
     msgs = [{"role": "user", "content": "Hello 你好"}, {"role": "assistant", "content": "达卡亚人说达卡亚语。"}]
     assert isinstance(tok2, hf.HFTokenizer) and tok2.render_chat(msgs) == tok.render_chat(msgs)
+
+
+def test_foreign_sentencepiece_model_is_an_error_only_when_used(tmp_path):
+    import io
+    import sentencepiece as spm
+    save_hf(tmp_path, transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world", "the capital of Dakaia is Tago"] * 50),
+                                   model_writer=buf, vocab_size=40, model_type="bpe")
+    (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
+    model, tok = load_checkpoint(tmp_path)  # the weights load; the tokenizer is refused on first use
+    with pytest.raises(UserError, match="tokenizer.json.*--tokenizer_path"):
+        tok.encode("hello")
