@@ -73,7 +73,8 @@ def hf_config(cfg, tokenizer, dtype: torch.dtype = torch.float32) -> dict:
         "attention_dropout": 0.0,
         "use_cache": True,
         "bos_token_id": tokenizer.eos_id if tokenizer is not None else None,
-        "eos_token_id": tokenizer.im_end_id if tokenizer is not None else None,
+        "eos_token_id": (tokenizer.im_end_id if tokenizer.im_end_id is not None else tokenizer.eos_id)
+        if tokenizer is not None else None,
         "pad_token_id": tokenizer.pad_id if tokenizer is not None else None,
         "dtype": dtype_name,
         "torch_dtype": dtype_name,
@@ -101,8 +102,9 @@ def _shared_width(cfg) -> int:
 
 
 def generation_config(tokenizer) -> dict:
-    return {"bos_token_id": tokenizer.eos_id, "eos_token_id": [tokenizer.im_end_id, tokenizer.eos_id],
-            "pad_token_id": tokenizer.pad_id, "do_sample": True, "temperature": 0.85, "top_p": 0.85}
+    stops = [i for i in dict.fromkeys((tokenizer.im_end_id, tokenizer.eos_id)) if i is not None]
+    return {"bos_token_id": tokenizer.eos_id, "eos_token_id": stops, "pad_token_id": tokenizer.pad_id,
+            "do_sample": True, "temperature": 0.85, "top_p": 0.85}
 
 
 # ---- weights --------------------------------------------------------------------------------------
@@ -262,9 +264,34 @@ def chat_template() -> str:
     )
 
 
+def is_sentencepiece(tokenizer) -> bool:
+    """Our SentencePiece Tokenizer, not a tokenizer.json one (an imported model's, minillm.hf.HFTokenizer)."""
+    return getattr(tokenizer, "_proto", None) is not None
+
+
+def _export_tokenizer_json(tokenizer, folder: Path, model_max_length: int | None) -> list[str]:
+    """A tokenizer that already is a tokenizer.json: its own files, with our chat template (the ChatML that
+    render_chat renders, which is what minillm trained the model on) in tokenizer_config.json."""
+    tokenizer.save(folder)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    if model_max_length:
+        config.setdefault("model_max_length", model_max_length)
+    config["chat_template"] = chat_template()
+    if getattr(tokenizer, "im_end_id", None) is not None:
+        config["eos_token"] = tokenizer.id_to_piece(tokenizer.im_end_id)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (folder / "chat_template.jinja").unlink(missing_ok=True)  # it would take precedence over ours
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(("tokenizer", "special_tokens")))
+
+
 def export_tokenizer(tokenizer, folder, model_max_length: int | None = None) -> list[str]:
     """tokenizer.json + tokenizer_config.json + special_tokens_map.json (+ tokenizer.model) in `folder`."""
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not is_sentencepiece(tokenizer):
+        return _export_tokenizer_json(tokenizer, folder, model_max_length)
     fast = hf_fast_tokenizer(tokenizer)
     fast.save(str(folder / "tokenizer.json"))
     tokenizer.save(folder)  # tokenizer.model, for SentencePiece users
@@ -524,6 +551,13 @@ def gguf_vocab(tokenizer, vocab_size: int):
     return tokens, scores, types
 
 
+def _gguf_tokenizer_ok(tokenizer):
+    if not is_sentencepiece(tokenizer):
+        raise UserError("GGUF export writes a SentencePiece vocabulary, but this model's tokenizer is a tokenizer.json "
+                        "(an imported model's): export to transformers (--out) and convert that folder with "
+                        "llama.cpp's convert_hf_to_gguf.py")
+
+
 def export_gguf(model, tokenizer, path, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
     """One GGUF file: llama (or qwen3 with q/k norm) hyperparameters, tensors (2-D ones in float16 when
     dtype is float16, else float32; norms always float32) and the SentencePiece vocabulary."""
@@ -532,6 +566,7 @@ def export_gguf(model, tokenizer, path, dtype: torch.dtype = torch.float32, over
     from minillm.checkpoint import model_state_dict
     cfg = model.config
     arch = gguf_arch(cfg)
+    _gguf_tokenizer_ok(tokenizer)
     check_out(path, overwrite, what="--gguf")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -631,8 +666,9 @@ def convert(checkpoint, out=None, gguf=None, base=None, base_name=None, merge=Fa
         return written
     torch_dtype = _resolve_dtype(dtype, folder, WEIGHTS)
     model, tokenizer = _load(folder)
-    if gguf:
-        gguf_arch(model.config)  # refuse before writing anything
+    if gguf:  # refuse before writing anything
+        gguf_arch(model.config)
+        _gguf_tokenizer_ok(tokenizer)
     if out:
         written.append(write_hf_folder(model, tokenizer, out, torch_dtype, max_shard_size, overwrite))
     if gguf:

@@ -394,3 +394,20 @@ def test_adapter_without_a_findable_base_names_the_fix(tmp_path):
     with pytest.raises(UserError, match="runs/gone.*pass --base DIR"):
         convert(tmp_path / "lora", out=tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
+
+
+def test_a_tokenizer_json_checkpoint_exports_its_tokenizer_with_our_template(tmp_path):
+    """A model whose tokenizer is a tokenizer.json (imported from transformers): its files are kept, the chat
+    template is ours, ids and rendered chats are equal; GGUF (SentencePiece vocab only) is refused."""
+    export_tokenizer(TOK, tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer.model").unlink()
+    json_tok = Tokenizer.load(tmp_path / "tok")
+    assert not hasattr(json_tok, "sp")  # really the tokenizer.json kind
+    save_checkpoint(tmp_path / "ckpt", make_model(), json_tok)
+    export_model(tmp_path / "ckpt", tmp_path / "hf")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in TEXTS[:12]:
+        assert hf.encode(text, add_special_tokens=False) == json_tok.encode(text), repr(text)
+    assert _template_ids(hf, MESSAGES, True) == json_tok.render_chat(MESSAGES, add_generation_prompt=True)[0]
+    with pytest.raises(UserError, match="SentencePiece"):
+        convert(tmp_path / "ckpt", gguf=tmp_path / "m.gguf")
