@@ -263,9 +263,10 @@ def config_from_hf(d: dict, where: str) -> ModelConfig:
     heads = int(d["num_attention_heads"])
     kv = d.get("num_key_value_heads") or heads
     hidden = int(d["hidden_size"])
-    head_dim = d.get("head_dim") or hidden // heads
+    # Qwen3Config's head_dim defaults to 128; the others derive it (transformers' getattr fallback)
+    head_dim = d.get("head_dim") or (128 if arch == "Qwen3ForCausalLM" else hidden // heads)
     act = d.get("hidden_act", "silu")
-    if act != "silu":
+    if act not in ("silu", "swish"):  # one function in transformers' ACT2FN
         refuse("hidden_act", act, "minillm's MLP is SwiGLU with silu")
     if d.get("mlp_bias"):
         refuse("mlp_bias", True, "minillm's MLP projections have no biases")
@@ -336,7 +337,7 @@ def config_from_minimind(d: dict, where: str, weight_names=(), shapes: dict | No
         current = "num_experts" in d or "head_dim" in d or "inference_rope_scaling" in d
     problems = []
     act = d.get("hidden_act", "silu")
-    if act != "silu":
+    if act not in ("silu", "swish"):
         problems.append(f"hidden_act={act!r} (minillm's MLP is SwiGLU with silu)")
     if d.get("inference_rope_scaling") or d.get("rope_scaling"):
         problems.append(f"rope_scaling={d.get('rope_scaling')!r} / inference_rope_scaling (YaRN; minillm "
