@@ -215,9 +215,10 @@ def reply(model, tok, prompt_ids, args) -> str:
     return text
 
 
-# what `/think off` puts after the assistant header: an empty think block, so a reasoning model answers
-# directly (Qwen3's and MiniMind's "thinking disabled" template)
-THINK_OFF_PREFILL = "<think>\n\n</think>\n"
+# what `/think off` (or --open_thinking 0) puts after the assistant header: an empty think block, so a
+# reasoning model answers directly, exactly as MiniMind-3's template writes it without open_thinking
+# (model/tokenizer_config.json), the form reasoning_content renders to (Tokenizer.render_chat)
+THINK_OFF_PREFILL = "<think>\n\n</think>\n\n"
 
 
 def build_prompt(tok, config, history: list, user_text: str, args, chat: bool, system: str = "",

@@ -1,9 +1,11 @@
 """Reasoning replies: the think/answer format check, answer extraction, and the held-out report
 that train_distill_reason.py prints after training (eval_model.py can call it too).
 
-A well-formed reply is exactly one think block followed by exactly one answer block:
-    <think>\\n...reasoning...\\n</think>\\n<answer>\\n...answer...\\n</answer>
-(whitespace between and around the blocks is free; both blocks must hold some text).
+A well-formed reply is exactly one think block followed by the answer, in either of two forms:
+    <think>\\n...reasoning...\\n</think>\\n<answer>\\n...answer...\\n</answer>   (MiniMind2's r1 data)
+    <think>\\n...reasoning...\\n</think>\\n\\n...answer...                       (MiniMind-3: reasoning_content)
+(whitespace between and around the blocks is free; the reasoning and the answer must hold some text
+and no tag of their own).
 """
 from __future__ import annotations
 
@@ -13,15 +15,17 @@ from dataclasses import dataclass
 from minillm.evaluation import heldout_accuracy
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-_REPLY = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
+_THINK = re.compile(r"\s*<think>(.*?)</think>(.*)", re.DOTALL)
+_ANSWER = re.compile(r"\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 
 
 def parse_reply(text: str) -> tuple[str, str] | None:
-    """(reasoning, answer), both stripped, if `text` is well-formed; else None."""
-    m = _REPLY.fullmatch(text)
+    """(reasoning, answer), both stripped, if `text` is well-formed (either form); else None."""
+    m = _THINK.fullmatch(text)
     if m is None:
         return None
-    reasoning, answer = m.group(1).strip(), m.group(2).strip()
+    tagged = _ANSWER.fullmatch(m.group(2))  # MiniMind2's answer block, else MiniMind-3's bare answer
+    reasoning, answer = m.group(1).strip(), (tagged.group(1) if tagged else m.group(2)).strip()
     if not reasoning or not answer or any(tag in reasoning or tag in answer for tag in TAGS):
         return None
     return reasoning, answer

@@ -30,8 +30,10 @@ ROLES = ("system", "user", "assistant")
 
 
 def render_reasoning(reasoning, answer):
-    """The think block MiniMind2's r1 data uses; `reasoning_content` messages render to it too."""
-    return f"<think>\n{reasoning}\n</think>\n<answer>\n{answer}\n</answer>"
+    """An assistant turn with `reasoning_content`, as MiniMind-3's chat template renders it
+    (model/tokenizer_config.json): the think block, a blank line, the reply, no <answer> tags.
+    MiniMind2-style content that writes `<think>...</think><answer>...</answer>` inline is kept as written."""
+    return f"<think>\n{reasoning}\n</think>\n\n{answer}"
 
 
 class Tokenizer:

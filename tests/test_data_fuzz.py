@@ -333,8 +333,8 @@ def test_reasoning_content_trains_as_the_think_block(tmp_path):
     ds = SFTDataset(write(tmp_path / "r.jsonl", [{"conversations": as_field}, {"conversations": as_text}]),
                     TOK, MAX_SEQ_LEN)
     assert contents(ds)[0] == contents(ds)[1]
-    think = [TOK.special_ids[k] for k in ("think_start", "think_end", "answer_start", "answer_end")]
-    assert all(t in [i for i, m in zip(ds[0]["ids"].tolist(), ds[0]["loss_mask"].tolist()) if m] for t in think)
+    learned = [i for i, m in zip(ds[0]["ids"].tolist(), ds[0]["loss_mask"].tolist()) if m]
+    assert all(TOK.special_ids[k] in learned for k in ("think_start", "think_end"))  # MiniMind-3: no <answer>
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "lora"])  # lora: SFT rows, no random system prompt

@@ -54,8 +54,10 @@ def test_tag_weight_lands_exactly_on_tag_targets(tok, reasoning_batch):
     tags = {"<think>", "</think>", "<answer>", "</answer>"}
     for row in range(labels.shape[0]):
         weighted = [t for t in range(labels.shape[1]) if w[row, t] == 10.0]
-        # exactly the four tags of the reply, in order, each once
-        assert [tok.id_to_piece(labels[row, t]) for t in weighted] == ["<think>", "</think>", "<answer>", "</answer>"]
+        # exactly the tags of the reply, in order, each once: row 1's reasoning_content renders as
+        # MiniMind-3 does (no <answer> tags), the inline MiniMind2 rows keep their four
+        expected = ["<think>", "</think>"] + ([] if row == 1 else ["<answer>", "</answer>"])
+        assert [tok.id_to_piece(labels[row, t]) for t in weighted] == expected
         for t in range(labels.shape[1]):
             if t not in weighted:
                 assert w[row, t] == 1.0
@@ -68,7 +70,7 @@ def test_weighted_loss_matches_direct_formula(tok, reasoning_batch):
     torch.manual_seed(0)
     model = MiniLLM(ModelConfig.preset("debug", vocab_size=tok.vocab_size, kernel_backend="torch"))
     loss_fn = train_distill_reason.make_reason_loss(tok.think_tag_ids, 10.0)
-    assert reasoning_batch["n_tag_targets"] == 4 * 3  # four tags per reply, counted by the collate
+    assert reasoning_batch["n_tag_targets"] == 4 + 2 + 4  # the tags of each reply, counted by the collate
     loss, _ = loss_fn(model, reasoning_batch, one_step(reasoning_batch))
     ids, labels = reasoning_batch["input_ids"], reasoning_batch["labels"]
     nll = -model.token_logprobs(ids, labels)
@@ -85,6 +87,8 @@ def test_weighted_loss_matches_direct_formula(tok, reasoning_batch):
     ("<think>\n5 + 7 = 12.\n</think>\n<answer>\n12\n</answer>", "12"),
     ("<think>a</think><answer>b</answer>", "b"),
     ("  <think>\nx\n</think>\n\n<answer>\n 42 \n</answer>\n", "42"),
+    ("<think>\n5 + 7 = 12.\n</think>\n\n12", "12"),                # MiniMind-3: no answer tags
+    ("<think>\n29 + 22\n</think>\n\n答案是 51。\n", "答案是 51。"),
 ])
 def test_well_formed_replies(text, answer):
     assert is_well_formed(text) and extract_answer(text) == answer
@@ -101,6 +105,9 @@ def test_well_formed_replies(text, answer):
     "<think>\nx\n</think>\n<answer>\n12\n</answer> and more",     # trailing text
     "<think>\nx<think>y\n</think>\n<answer>\n12\n</answer>",      # nested tag
     "<think>\nx\n</think>\n<answer>\n1\n</answer><answer>2</answer>",  # two answers
+    "<think>\n\n</think>\n\n12",                                 # MiniMind-3 form, empty think
+    "<think>\nx\n</think>\n\n12</answer>",                       # stray tag after a bare answer
+    "<think>\nx\n</think>\n\n12<think>y</think>",                # a second think block
 ])
 def test_malformed_replies(text):
     assert not is_well_formed(text) and parse_reply(text) is None and extract_answer(text) is None

@@ -252,7 +252,7 @@ def test_eval_model_takes_minimind_eval_flags(chain):
     assert "[--hidden_size 768 ignored: the checkpoint's config fixes the shape (hidden_size 64)]" in r.stdout
     assert "[--num_hidden_layers 8 ignored" in r.stdout and "[--use_moe 0 ignored" in r.stdout
     prompt = r.stdout.split("[prompt:")[1].split("\n")[0]
-    assert prompt.rstrip("'").endswith("assistant\\n<think>\\n\\n</think>\\n")  # thinking off from the start
+    assert prompt.rstrip("'").endswith("assistant\\n<think>\\n\\n</think>\\n\\n")  # thinking off from the start
     r = subprocess.run([sys.executable, str(ROOT / "eval_model.py"), "--save_dir", str(out), "--weight", "full_sft",
                         "--inference_rope_scaling"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--inference_rope_scaling: YaRN is not implemented yet" in r.stderr
@@ -325,3 +325,38 @@ def test_minimind_pth_files_by_their_weight_name(tmp_path):
                         "--interactive"], cwd=ROOT, input="hi\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert f"model: {out / 'full_sft_64.pth'} (" in r.stdout and "ignored" not in r.stdout
+
+
+# -- 3. MiniMind-3's datasets --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok():
+    from minillm.tokenizer import Tokenizer
+    return Tokenizer.load()
+
+
+def test_reasoning_content_renders_as_minimind3_template(tok):
+    """model/tokenizer_config.json: an assistant turn is '<|im_start|>assistant\\n<think>\\n' + reasoning
+    + '\\n</think>\\n\\n' + content; empty content is fine when reasoning carries the turn."""
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4", "reasoning_content": "two and two"},
+                {"role": "user", "content": "and?"},
+                {"role": "assistant", "content": "", "reasoning_content": "only thinking"}]
+    ids, mask = tok.render_chat(messages)
+    assert tok.decode(ids) == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                               "<|im_start|>assistant\n<think>\ntwo and two\n</think>\n\n4<|im_end|>\n"
+                               "<|im_start|>user\nand?<|im_end|>\n"
+                               "<|im_start|>assistant\n<think>\nonly thinking\n</think>\n\n<|im_end|>\n")
+    learned = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert learned == "<think>\ntwo and two\n</think>\n\n4<|im_end|><think>\nonly thinking\n</think>\n\n<|im_end|>"
+    # MiniMind2's inline r1 content is trained as written, answer tags and all
+    r1 = "<think>\nx\n</think>\n<answer>\ny\n</answer>"
+    ids, mask = tok.render_chat([messages[1], {"role": "assistant", "content": r1}])
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == r1 + "<|im_end|>"
+
+
+def test_reasoning_parser_reads_both_forms():
+    from minillm.reasoning import extract_answer
+    assert extract_answer("<think>\nx\n</think>\n<answer>\n12\n</answer>") == "12"  # MiniMind2
+    assert extract_answer("<think>\nx\n</think>\n\n12") == "12"  # MiniMind-3
+    assert extract_answer("<think>\n\n</think>\n\n12") is None  # no reasoning: not a reasoning reply

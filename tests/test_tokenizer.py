@@ -87,15 +87,19 @@ def test_chat_loss_mask_covers_exactly_the_assistant_replies(tok):
 
 
 def test_reasoning_content_renders_as_think_block(tok):
+    """reasoning_content renders as MiniMind-3's template does (think block, blank line, reply, no
+    <answer> tags); MiniMind2-style inline tags in content are kept as written."""
     split = [{"role": "user", "content": "What is 17 + 25?"},
              {"role": "assistant", "content": "42", "reasoning_content": "17 + 20 = 37, 37 + 5 = 42"}]
-    inline = [split[0], {"role": "assistant",
-                         "content": "<think>\n17 + 20 = 37, 37 + 5 = 42\n</think>\n<answer>\n42\n</answer>"}]
+    inline = [split[0], {"role": "assistant", "content": "<think>\n17 + 20 = 37, 37 + 5 = 42\n</think>\n\n42"}]
     assert tok.render_chat(split) == tok.render_chat(inline)
     ids, loss_mask = tok.render_chat(split)
-    assert masked_text(tok, ids, loss_mask) == \
-        "<think>\n17 + 20 = 37, 37 + 5 = 42\n</think>\n<answer>\n42\n</answer><|im_end|>"
-    assert all(t in ids for t in tok.think_tag_ids)
+    assert masked_text(tok, ids, loss_mask) == "<think>\n17 + 20 = 37, 37 + 5 = 42\n</think>\n\n42<|im_end|>"
+    assert tok.think_tag_ids[0] in ids and tok.think_tag_ids[1] in ids
+    assert tok.think_tag_ids[2] not in ids and tok.think_tag_ids[3] not in ids
+    r1 = "<think>\n17 + 20 = 37, 37 + 5 = 42\n</think>\n<answer>\n42\n</answer>"
+    ids, loss_mask = tok.render_chat([split[0], {"role": "assistant", "content": r1}])
+    assert masked_text(tok, ids, loss_mask) == r1 + "<|im_end|>" and all(t in ids for t in tok.think_tag_ids)
 
 
 def test_generation_prompt(tok):
