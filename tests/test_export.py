@@ -240,9 +240,12 @@ def test_merged_adapter_logits_equal_ours(tmp_path):
 
 def test_moe_adapter_on_experts_is_refused_but_attention_only_exports(tmp_path):
     peft = pytest.importorskip("peft")
-    _adapter(tmp_path / "a", use_moe=True, n_shared_experts=1)
+    on_experts = _adapter(tmp_path / "a", use_moe=True, n_shared_experts=1)
     with pytest.raises(UserError, match="mixture-of-experts.*--merge"):
         convert(tmp_path / "a" / "lora", out=tmp_path / "a" / "peft", base=tmp_path / "a" / "base")
+    convert(tmp_path / "a" / "lora", out=tmp_path / "a" / "merged", merge=True)  # what the message suggests
+    with torch.no_grad():
+        assert max_diff(hf_load(tmp_path / "a" / "merged")(ids()).logits, on_experts(ids())) <= TOL
     ours = _adapter(tmp_path / "b", targets=("q_proj", "v_proj"), use_moe=True, n_shared_experts=1)
     export_model(tmp_path / "b" / "base", tmp_path / "b" / "hf_base")
     convert(tmp_path / "b" / "lora", out=tmp_path / "b" / "peft", base=tmp_path / "b" / "base")
