@@ -360,3 +360,51 @@ def test_reasoning_parser_reads_both_forms():
     assert extract_answer("<think>\nx\n</think>\n<answer>\n12\n</answer>") == "12"  # MiniMind2
     assert extract_answer("<think>\nx\n</think>\n\n12") == "12"  # MiniMind-3
     assert extract_answer("<think>\n\n</think>\n\n12") is None  # no reasoning: not a reasoning reply
+
+
+MINIMIND3_ROWS = [  # the shapes of MiniMind-3's sft_t2t data (README_en.md "SFT data", dataset/lm_dataset.py)
+    {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]},
+    {"conversations": [{"role": "user", "content": "2+2?"},
+                       {"role": "assistant", "content": "4", "reasoning_content": "two and two"}]},
+    {"conversations": [{"role": "system", "content": "# Tools ...", "tools": "[{\"name\": \"translate_text\"}]"},
+                       {"role": "user", "content": "把'你好世界'翻译成english"},
+                       {"role": "assistant", "content": "",
+                        "tool_calls": "[{\"name\":\"translate_text\",\"arguments\":{\"text\":\"你好世界\"}}]"},
+                       {"role": "tool", "content": "{\"translated_text\":\"Hello World\"}"},
+                       {"role": "assistant", "content": "Hello World"}]},
+    {"conversations": [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {}}]}]},
+    {"conversations": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"},
+                       {"role": "assistant", "content": "ok"}]},
+    # fields a loader fills with null (datasets' Features) are no tool use
+    {"conversations": [{"role": "user", "content": "q", "tools": None, "tool_calls": None, "reasoning_content": None},
+                       {"role": "assistant", "content": "", "reasoning_content": "thinking only", "tool_calls": None}]},
+]
+
+
+def test_minimind3_sft_rows_load_and_tool_rows_are_counted(tok, tmp_path):
+    from minillm.data import SFTDataset
+    path = tmp_path / "sft_t2t_mini.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in MINIMIND3_ROWS), encoding="utf-8")
+    ds = SFTDataset(path, tok, max_seq_len=256)  # no --skip_bad_lines: tool rows are no error
+    assert len(ds) == 3 and ds.n_tool_rows == 3 and not ds.bad_lines
+    report = ds.report()
+    assert "3 tool-use rows skipped" in report and "tool use is not supported yet" in report
+    assert f'{path}:3: "conversations"[0] has "tools"' in report  # the first one, where and why
+    # tool rows only: the 'no usable rows' error says why
+    only = tmp_path / "tools.jsonl"
+    only.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in MINIMIND3_ROWS[2:5]), encoding="utf-8")
+    with pytest.raises(ValueError, match="3 tool-use rows skipped"):
+        SFTDataset(only, tok, max_seq_len=256)
+
+
+def test_dpo_pairs_with_tool_use_are_counted(tok, tmp_path):
+    from minillm.data import DPODataset
+    q = {"role": "user", "content": "hi"}
+    rows = [{"chosen": [q, {"role": "assistant", "content": "good"}], "rejected": [q, {"role": "assistant", "content": "bad"}]},
+            {"chosen": [q, {"role": "assistant", "content": "", "tool_calls": "[{}]"}],
+             "rejected": [q, {"role": "assistant", "content": "bad"}]}]
+    path = tmp_path / "dpo.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    ds = DPODataset(path, tok, max_seq_len=64)
+    assert len(ds) == 1 and ds.n_tool_rows == 1 and '"chosen"[1] has "tool_calls"' in ds.report()

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from minillm.data.jsonl import (FORMATS, BadLineReport, DataError, check_exists, collect_bad, map_chunks, no_rows_error,
-                                parse_line)
+from minillm.data.jsonl import (FORMATS, TOOL_USE_WHY, BadLineReport, DataError, ToolUseRow, check_exists, collect_bad,
+                                map_chunks, no_rows_error, parse_line)
 from minillm.data.pretrain import token_dtype
 
 IGNORE_INDEX = -100  # the label of a position that is not trained on (cross-entropy's ignore_index)
@@ -84,29 +84,36 @@ class _ChatDataset(Dataset):
         self.path = src
         self.bad_lines = BadLineReport(str(src))
         self.n_no_target = 0  # rows dropped because truncation left no assistant token to learn
+        self.n_tool_rows, self.first_tool_row = 0, None  # rows skipped because they use tools
         dtype = token_dtype(tokenizer.vocab_size)
         rows = {name: _RowStore(dtype) for name in self.stores}
-        for out, bad, n_no_target in map_chunks(src, tokenizer, self._render_chunk, num_workers,
-                                                 f"rendering {src.name}"):
+        for out, bad, n_no_target, tool_rows in map_chunks(src, tokenizer, self._render_chunk, num_workers,
+                                                            f"rendering {src.name}"):
             collect_bad(src, bad, skip_bad, self.bad_lines)
             self.n_no_target += n_no_target
+            if tool_rows and self.first_tool_row is None:
+                self.first_tool_row = f"{src}:{tool_rows[0][0]}: {tool_rows[0][1]}"
+            self.n_tool_rows += len(tool_rows)
             for name in self.stores:
                 rows[name].add(*out[name])
         for store in rows.values():
             store.finish()
         self.rows = rows
         if len(self) == 0:
-            raise no_rows_error(src, self.format, self.bad_lines.count + self.n_no_target, self.bad_lines,
-                                f"; {self.n_no_target} rows had no assistant token within max_seq_len "
-                                f"{self.max_seq_len}")
+            raise no_rows_error(src, self.format, self.bad_lines.count + self.n_no_target + self.n_tool_rows,
+                                self.bad_lines, f"; {self.n_no_target} rows had no assistant token within max_seq_len "
+                                f"{self.max_seq_len}" + (f"; {self.tool_rows_text()}" if self.n_tool_rows else ""))
 
     def _render_chunk(self, tokenizer, chunk):
         required, check = FORMATS[self.format]
         out = {name: ([], []) for name in self.stores}
-        bad, n_no_target = [], 0
+        bad, n_no_target, tool_rows = [], 0, []
         for lineno, raw in chunk:
             try:
                 rendered = self._render(tokenizer, parse_line(raw, required, check), lineno)
+            except ToolUseRow as e:  # skipped and counted, not a bad line
+                tool_rows.append((lineno, str(e)))
+                continue
             except ValueError as e:
                 bad.append((lineno, str(e)))
                 continue
@@ -116,7 +123,7 @@ class _ChatDataset(Dataset):
             for name, (ids, mask) in zip(self.stores, rendered):
                 out[name][0].append(ids)
                 out[name][1].append(mask)
-        return out, bad, n_no_target
+        return out, bad, n_no_target, tool_rows
 
     def __getstate__(self):
         # pickled into worker processes: _render_chunk is a bound method, the big arrays are
@@ -131,7 +138,12 @@ class _ChatDataset(Dataset):
     def report(self) -> str:
         """One line for the script to print after loading."""
         return (f"{len(self)} rows from {self.path}; {self.bad_lines}; "
-                f"{self.n_no_target} rows skipped with no assistant token within max_seq_len={self.max_seq_len}")
+                f"{self.n_no_target} rows skipped with no assistant token within max_seq_len={self.max_seq_len}"
+                + (f"; {self.tool_rows_text()}" if self.n_tool_rows else ""))
+
+    def tool_rows_text(self) -> str:
+        return (f"{self.n_tool_rows} tool-use rows skipped (tools / tool_calls / role tool: {TOOL_USE_WHY}; "
+                f"first: {self.first_tool_row})")
 
 
 class SFTDataset(_ChatDataset):

@@ -5,7 +5,11 @@ Formats (MiniMind's, so its public datasets drop in):
     pretrain   {"text": "..."}
     SFT        {"conversations": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
     DPO        {"chosen": [messages], "rejected": [messages]}
-    reasoning  SFT format; the tokenizer renders an assistant `reasoning_content` field itself.
+    reasoning  SFT format; the tokenizer renders an assistant `reasoning_content` field itself
+               (MiniMind-3's form); an assistant turn may then have empty "content".
+    tool use   rows with "tools" (a message's or the row's), "tool_calls" or a "role": "tool" message
+               (MiniMind-3's SFT data mixes them in) are skipped and counted, with the reason, in the
+               dataset's report until tool use lands: never a crash, never trained without their tools.
 
 What a line may be: UTF-8 (a BOM at the start of a line is dropped), LF or CRLF endings, blank
 lines ignored; unknown fields, in a row or in a message, are ignored. A conversation may start with
@@ -40,6 +44,35 @@ ROLES = ("system", "user", "assistant")
 
 class DataError(UserError):
     """A problem in the user's data, always phrased as `file:line: reason (what to do)`."""
+
+
+class ToolUseRow(ValueError):
+    """A row that uses tools: the chat datasets skip and count it (tool use is not supported yet);
+    elsewhere it is a bad line like any other."""
+
+
+TOOL_USE_WHY = "tool use is not supported yet"
+
+
+def _present(value) -> bool:
+    return value not in (None, "", [], {})
+
+
+def check_tool_use(obj: dict, fields: tuple[str, ...]) -> None:
+    """Raises ToolUseRow naming where a row uses tools: "tools" on the row or a message, "tool_calls"
+    on a message, or a message with role "tool"."""
+    if _present(obj.get("tools")):
+        raise ToolUseRow(f'has "tools"; {TOOL_USE_WHY}')
+    for field in fields:
+        messages = obj.get(field)
+        for i, m in enumerate(messages if isinstance(messages, list) else ()):
+            if not isinstance(m, dict):
+                continue
+            for key in ("tools", "tool_calls"):
+                if _present(m.get(key)):
+                    raise ToolUseRow(f'"{field}"[{i}] has "{key}"; {TOOL_USE_WHY}')
+            if m.get("role") == "tool":
+                raise ToolUseRow(f'"{field}"[{i}] has role "tool"; {TOOL_USE_WHY}')
 
 
 @dataclass
@@ -132,12 +165,14 @@ def _check_messages(messages: Any, field: str) -> None:
 
 
 def check_sft(obj: dict) -> None:
+    check_tool_use(obj, ("conversations",))
     _check_messages(obj["conversations"], "conversations")
     if not any(m["role"] == "assistant" for m in obj["conversations"]):
         raise ValueError('"conversations" has no assistant turn (nothing to learn from)')
 
 
 def check_dpo(obj: dict) -> None:
+    check_tool_use(obj, ("chosen", "rejected"))
     for field in ("chosen", "rejected"):
         _check_messages(obj[field], field)
         if obj[field][-1]["role"] != "assistant":
