@@ -279,10 +279,10 @@ class TrainConfig:
                 raise UserError(f"{flag} {path} is a folder, not a file; pass a jsonl file")
         if self.tokenizer_path:
             tok = Path(self.tokenizer_path)
-            if tok.is_dir() and not (tok / "tokenizer.model").is_file():
-                raise UserError(f"--tokenizer_path {tok} is a folder without tokenizer.model in it; pass the "
-                                f".model file or its folder, or make one with `python train_tokenizer.py --out "
-                                f"{tok / 'tokenizer.model'}`")
+            if tok.is_dir() and not any((tok / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+                raise UserError(f"--tokenizer_path {tok} is a folder without tokenizer.model or tokenizer.json in "
+                                f"it; pass the file or its folder (e.g. MiniMind's model/), or make one with "
+                                f"`python train_tokenizer.py --out {tok / 'tokenizer.model'}`")
         for path in (Path(self.save_dir), Path(self.save_dir) / self.save_weight):
             if path.exists() and not path.is_dir():
                 raise UserError(f"--save_dir {self.save_dir}: {path} is a file, not a folder; pass a folder "

@@ -408,3 +408,15 @@ def test_dpo_pairs_with_tool_use_are_counted(tok, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     ds = DPODataset(path, tok, max_seq_len=64)
     assert len(ds) == 1 and ds.n_tool_rows == 1 and '"chosen"[1] has "tool_calls"' in ds.report()
+
+
+def test_tokenizer_path_takes_minimind_model_folder(tmp_path):
+    """MiniMind's tokenizer is model/tokenizer.json (+ tokenizer_config.json): --tokenizer_path model/ passes
+    the path check (Tokenizer.load reads it through minillm.hf)."""
+    from minillm.config import TrainConfig
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "tokenizer.json").write_text("{}")
+    TrainConfig(tokenizer_path=str(tmp_path / "model")).check_paths()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="without tokenizer.model or tokenizer.json"):
+        TrainConfig(tokenizer_path=str(tmp_path / "empty")).check_paths()
