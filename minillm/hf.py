@@ -233,10 +233,12 @@ def _rope_theta_and_refusals(d: dict, default_theta: float, refuse) -> float:
 
 
 def _sliding_layers(d: dict, n_layers: int) -> list:
+    """The layers that would attend through a sliding window (Qwen2/Qwen3: only with use_sliding_window
+    and a window; which layers: layer_types, else those from max_window_layers on)."""
+    if not d.get("use_sliding_window") or not d.get("sliding_window"):
+        return []
     if d.get("layer_types"):
         return [i for i, t in enumerate(d["layer_types"]) if t != "full_attention"]
-    if not d.get("use_sliding_window") or d.get("sliding_window") in (None, 0):
-        return []
     first = int(d.get("max_window_layers", 0) or 0)
     return [i for i in range(n_layers) if i >= first]
 
@@ -336,14 +338,18 @@ def config_from_minimind(d: dict, where: str, weight_names=(), shapes: dict | No
     else:
         current = "num_experts" in d or "head_dim" in d or "inference_rope_scaling" in d
     problems = []
+
+    def refuse(feature, value, why):
+        problems.append(f"{feature}={value!r} ({why})")
+
     act = d.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
-        problems.append(f"hidden_act={act!r} (minillm's MLP is SwiGLU with silu)")
-    if d.get("inference_rope_scaling") or d.get("rope_scaling"):
-        problems.append(f"rope_scaling={d.get('rope_scaling')!r} / inference_rope_scaling (YaRN; minillm "
-                        f"computes plain RoPE: set inference_rope_scaling false)")
+        refuse("hidden_act", act, "minillm's MLP is SwiGLU with silu")
+    if d.get("inference_rope_scaling"):
+        refuse("inference_rope_scaling", True, "YaRN; minillm computes plain RoPE: set it false")
+    theta = _rope_theta_and_refusals(d, 1e6, refuse)
     if d.get("scoring_func", "softmax") != "softmax":
-        problems.append(f"scoring_func={d['scoring_func']!r} (minillm's router is a softmax)")
+        refuse("scoring_func", d["scoring_func"], "minillm's router is a softmax")
     hidden = int(d.get("hidden_size", shapes.get("model.embed_tokens.weight", (0, 768))[1]))
     heads = int(d.get("num_attention_heads", 8))
     head_dim = int(d.get("head_dim") or (shapes.get("model.layers.0.self_attn.q_norm.weight", (0,))[0])
@@ -373,7 +379,7 @@ def config_from_minimind(d: dict, where: str, weight_names=(), shapes: dict | No
     values = dict(vocab_size=int(vocab), hidden_size=hidden, num_hidden_layers=int(layers),
                   num_attention_heads=heads, num_key_value_heads=int(kv), head_dim=head_dim,
                   intermediate_size=inter, max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-                  rope_theta=float(d.get("rope_theta", 1e6)),
+                  rope_theta=theta,
                   rms_norm_eps=float(d.get("rms_norm_eps", 1e-6 if current else 1e-5)),
                   tie_word_embeddings=bool(d.get("tie_word_embeddings", True)), qk_norm=current)
     if use_moe:
