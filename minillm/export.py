@@ -6,8 +6,8 @@
     export_gguf(model, tokenizer, "model.gguf")              # llama.cpp
 
 Architectures (our weight names already follow Llama/Qwen, so most tensors copy over unchanged):
-- dense, no q/k norm          -> LlamaForCausalLM
-- dense, q/k norm             -> Qwen3ForCausalLM
+- dense, no q/k norm          -> LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases, attention_bias)
+- dense, q/k norm             -> Qwen3ForCausalLM (with q/k/v biases: its attention_bias, o_proj bias zero)
 - MoE, q/k norm, no shared    -> Qwen3MoeForCausalLM
 - MoE, no q/k norm            -> Qwen2MoeForCausalLM. Its one shared expert is gated by
   sigmoid(shared_expert_gate(x)); ours are ungated. A zero gate gives sigmoid(0) = 0.5 and the
@@ -38,7 +38,9 @@ PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 def hf_architecture(cfg) -> tuple[str, str]:
     """(architecture class, model_type) of the transformers model that computes what `cfg` does."""
     if not cfg.use_moe:
-        return ("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else ("LlamaForCausalLM", "llama")
+        if cfg.qk_norm:
+            return "Qwen3ForCausalLM", "qwen3"
+        return ("Qwen2ForCausalLM", "qwen2") if cfg.attention_bias else ("LlamaForCausalLM", "llama")
     if cfg.qk_norm and cfg.n_shared_experts > 0:
         raise UserError(f"cannot export a mixture of experts with both q/k norm (qk_norm) and shared experts "
                         f"(n_shared_experts={cfg.n_shared_experts}) to transformers: Qwen3-MoE has q/k norm but no "
@@ -83,15 +85,13 @@ def hf_config(cfg, tokenizer, dtype: torch.dtype = torch.float32) -> dict:
         doc.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
     else:
         doc.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_hidden_layers)
-    if model_type == "qwen3":
-        doc.update(attention_bias=False)
+    if model_type in ("qwen3", "qwen3_moe"):  # its attention_bias covers o_proj too: written as zeros
+        doc.update(attention_bias=bool(cfg.attention_bias))
     if cfg.use_moe:
         doc.update(num_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.num_experts_per_tok,
                    moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
                    decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=cfg.aux_loss_coef,
                    output_router_logits=False)
-    if model_type == "qwen3_moe":
-        doc.update(attention_bias=False)
     if model_type == "qwen2_moe":
         doc.update(qkv_bias=True, shared_expert_intermediate_size=_shared_width(cfg))
     return doc
@@ -117,15 +117,20 @@ def hf_state_dict(state: dict, cfg) -> dict:
         if ".mlp.shared_experts." in name:
             continue  # qwen2_moe: concatenated below
         out[name] = t
+    if model_type in ("qwen3", "qwen3_moe") and cfg.attention_bias:  # Qwen3's bias flag adds an o_proj bias
+        for i in range(cfg.num_hidden_layers):
+            o = state[f"model.layers.{i}.self_attn.o_proj.weight"]
+            out[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(o.shape[0], dtype=o.dtype)
     if model_type != "qwen2_moe":
         return out
     H, width = cfg.hidden_size, _shared_width(cfg)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         ref = state[p + "self_attn.q_proj.weight"]
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            out[p + f"self_attn.{proj}.bias"] = torch.zeros(state[p + f"self_attn.{proj}.weight"].shape[0],
-                                                            dtype=ref.dtype)
+        for proj in ("q_proj", "k_proj", "v_proj"):  # Qwen2-MoE always has them: ours, or zeros
+            if p + f"self_attn.{proj}.bias" not in out:
+                out[p + f"self_attn.{proj}.bias"] = torch.zeros(state[p + f"self_attn.{proj}.weight"].shape[0],
+                                                                dtype=ref.dtype)
         s = p + "mlp.shared_experts."
         if cfg.n_shared_experts:
             n = cfg.n_shared_experts
@@ -495,6 +500,9 @@ def llama_unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def gguf_arch(cfg) -> str:
+    if cfg.attention_bias:
+        raise UserError("GGUF export covers models without q/k/v biases; this one has them (attention_bias): "
+                        "export it to transformers (--out) and convert that with llama.cpp's convert_hf_to_gguf.py")
     if cfg.use_moe:
         raise UserError("GGUF export covers dense models (llama, qwen3) only; this model is a mixture of experts: "
                         "export it to transformers (--out) and convert that with llama.cpp's convert_hf_to_gguf.py")

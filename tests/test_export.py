@@ -35,6 +35,12 @@ ARCHS = {  # case -> (ModelConfig overrides, the transformers class it must load
     "qwen2_moe_2shared": (dict(use_moe=True, n_shared_experts=2, moe_intermediate_size=48), "Qwen2MoeForCausalLM"),
     "qwen2_moe_noshared_top1": (dict(use_moe=True, n_shared_experts=0, num_experts_per_tok=1,
                                      norm_topk_prob=False), "Qwen2MoeForCausalLM"),
+    # q/k/v biases (attention_bias, e.g. an imported Qwen2): kept, never dropped
+    "qwen2_bias": (dict(attention_bias=True), "Qwen2ForCausalLM"),
+    "qwen3_bias": (dict(attention_bias=True, qk_norm=True), "Qwen3ForCausalLM"),
+    "qwen3_moe_bias": (dict(attention_bias=True, qk_norm=True, use_moe=True, n_shared_experts=0),
+                       "Qwen3MoeForCausalLM"),
+    "qwen2_moe_bias": (dict(attention_bias=True, use_moe=True, n_shared_experts=1), "Qwen2MoeForCausalLM"),
 }
 
 
@@ -47,6 +53,8 @@ def make_model(seed=0, **overrides):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.add_(torch.randn_like(p) * 0.2)
+            if name.endswith(".bias"):  # zeros at init: randomised, so a dropped bias shows in the logits
+                p.add_(torch.randn_like(p) * 0.5)
     return model
 
 
