@@ -422,3 +422,29 @@ def test_a_tokenizer_json_checkpoint_exports_its_tokenizer_with_our_template(tmp
     assert _template_ids(hf, MESSAGES, True) == json_tok.render_chat(MESSAGES, add_generation_prompt=True)[0]
     with pytest.raises(UserError, match="SentencePiece"):
         convert(tmp_path / "ckpt", gguf=tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3", "qwen3_moe"])
+def test_greedy_chat_in_transformers_equals_ours(case, tmp_path):
+    """What a user does after export: load the folder in transformers, chat greedily; the reply's
+    tokens equal minillm's greedy reply to the same messages."""
+    from minillm.generate import SamplingParams, generate_batch
+
+    model = make_model(**ARCHS[case][0])
+    save_checkpoint(tmp_path / "ckpt", model, TOK)
+    export_model(tmp_path / "ckpt", tmp_path / "hf")
+    hf = hf_load(tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "达卡亚的首都是哪里？"}]
+    prompt = TOK.render_prompt(messages)
+    assert hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                      return_dict=False) == prompt
+    ours = generate_batch(model, [prompt], SamplingParams(max_new_tokens=12, temperature=0.0, top_p=1.0,
+                                                          stop_ids=TOK.stop_ids), pad_id=TOK.pad_id)[0]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                          eos_token_id=list(TOK.stop_ids), pad_token_id=TOK.pad_id)
+    theirs = out[0, len(prompt):].tolist()
+    theirs = theirs[: next((i for i, t in enumerate(theirs) if t in TOK.stop_ids), len(theirs)) + 1]
+    ours = ours[: next((i for i, t in enumerate(ours) if t in TOK.stop_ids), len(ours)) + 1]
+    assert theirs == ours and len(ours) > 3
