@@ -1,7 +1,8 @@
-"""Stage 5: reasoning distillation. SFT on replies of the form
-`<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (or `reasoning_content` messages, which the
-tokenizer renders the same way), with the loss at the four tag tokens weighted up so the small
-model keeps the format, as MiniMind's train_distill_reason.py does.
+"""Stage 5: reasoning distillation. SFT on replies with a think block: MiniMind2's inline
+`<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` content, or MiniMind-3's `reasoning_content` field,
+which the tokenizer renders as `<think>\\n...\\n</think>\\n\\n` before the reply. The loss at the tag tokens
+(<think> </think> <answer> </answer>) is weighted up so the small model keeps the format, as
+MiniMind's train_distill_reason.py does.
 
     python train_distill_reason.py                             # demo: from out/full_sft on dataset/demo/r1.jsonl
     python train_distill_reason.py --tag_weight 1              # plain SFT, for comparison
