@@ -3,6 +3,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HF = ["transformers>=4.51", "peft>=0.15", "tokenizers>=0.21", "gguf>=0.10"]
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29"]
 
 setup(
     name="minillm",
@@ -31,8 +32,10 @@ setup(
         # to and from transformers / PEFT / GGUF (scripts/convert_model.py, --init_from an HF folder);
         # never imported on the training path
         "hf": HF,
-        # the test suite checks export and import against these, so they come with it
-        "dev": ["pytest>=7", *HF],
-        "serve": [],
+        # the test suite checks export and import against these, the server with the official openai
+        # client and the chat page in a real browser (selenium driving the system's chromium)
+        "dev": ["pytest>=7", *HF, *SERVE, "openai>=1.30", "httpx>=0.27", "selenium>=4.20"],
+        # serve_openai_api.py: the OpenAI-compatible server and its chat page
+        "serve": SERVE,
     },
 )
