@@ -17,7 +17,7 @@ setup(
     # way when minillm runs from a source checkout that was not installed.
     packages=find_packages(include=["minillm", "minillm.*"]) + ["minillm.kernels"],
     package_dir={"minillm.kernels": "kernels"},
-    package_data={"minillm": ["assets/*.model"]},
+    package_data={"minillm": ["assets/*.model", "static/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
