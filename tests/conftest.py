@@ -5,6 +5,8 @@ when it is named on its own (`python -m pytest tests/gpu` on a CUDA machine)."""
 import os
 from pathlib import Path
 
+import pytest
+
 # the export/import tests use transformers, PEFT and tokenizers on folders they write themselves:
 # never reach for a hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,3 +20,14 @@ def pytest_ignore_collect(collection_path, config):
         return None
     asked = [Path(str(a).split("::")[0]).resolve() for a in config.args]
     return not all(p == GPU_DIR or GPU_DIR in p.parents for p in asked)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The first few hundred documents of the demo corpus, in a folder of its own (its token cache lands
+    there): the small pretraining data of the trainer and lose-nothing tests."""
+    path = tmp_path_factory.mktemp("corpus") / "pretrain.jsonl"
+    root = Path(__file__).resolve().parents[1]
+    lines = (root / "dataset/demo/pretrain.jsonl").read_text(encoding="utf-8").splitlines()[:300]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -23,14 +23,6 @@ TINY = ["--preset", "debug", "--max_seq_len", "32", "--batch_size", "4", "--log_
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "pretrain.jsonl"
-    lines = (ROOT / "dataset/demo/pretrain.jsonl").read_text(encoding="utf-8").splitlines()[:300]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
 def pretrain(corpus, save_dir, *extra):
     return train_pretrain.main(TINY + ["--data_path", str(corpus), "--save_dir", str(save_dir), *extra])
 
@@ -162,26 +154,34 @@ def test_an_interrupt_saves_the_step_it_finished(corpus, tmp_path, signum):
     assert resumed.step == saved + 2
 
 
-def test_under_torchrun_every_rank_stops_at_the_same_step(corpus, tmp_path):
-    """SIGTERM to one worker only: both ranks agree on the step, save it, and stop."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551",
-           *script(corpus, tmp_path, "--max_steps", "100000", "--epochs", "1000", "--save_interval", "0", "--batch_size", "2")[1:]]
+def signal_one_rank(corpus, tmp_path, port: int, signum: int, *flags) -> subprocess.Popen:
+    """A 2-rank torchrun pretraining; once it has logged step 3, `signum` goes to rank 1's process only.
+    Returns the finished launcher (communicate() already called: .out / .err hold its output)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           *script(corpus, tmp_path, "--max_steps", "100000", "--epochs", "1000", "--batch_size", "2", *flags)[1:]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                             start_new_session=True)
     try:
-        wait_for_line(proc, "step 3/")
+        seen = wait_for_line(proc, "step 3/")
         workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train_pretrain.py"], capture_output=True,
                                  text=True).stdout.split()
         assert len(workers) == 2, workers
-        os.kill(int(max(workers, key=int)), signal.SIGTERM)  # one rank only
-        out, err = proc.communicate(timeout=120)
+        os.kill(int(max(workers, key=int)), signum)  # the younger worker: rank 1
+        out, proc.err = proc.communicate(timeout=120)  # bounded: nobody hangs
+        proc.out = "".join(seen) + out
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    return proc
+
+
+def test_under_torchrun_every_rank_stops_at_the_same_step(corpus, tmp_path):
+    """SIGTERM to one worker only: both ranks agree on the step, save it, and stop."""
+    proc = signal_one_rank(corpus, tmp_path, 29551, signal.SIGTERM, "--save_interval", "0")
     saved = load_trainer_state(tmp_path / "pretrain")
-    logged = [int(line.split()[1].split("/")[0]) for line in out.splitlines() if line.startswith("step ")]
-    assert saved["world_size"] == 2 and saved["step"] == logged[-1] >= 3, (out[-1500:], err[-3000:])
-    assert "interrupted by signal 15" in err
+    logged = [int(line.split()[1].split("/")[0]) for line in proc.out.splitlines() if line.startswith("step ")]
+    assert saved["world_size"] == 2 and saved["step"] == logged[-1] >= 3, (proc.out[-1500:], proc.err[-3000:])
+    assert "interrupted by signal 15" in proc.err
 
 
 # -- damaged checkpoints ----------------------------------------------------------------------------
@@ -220,59 +220,7 @@ def test_resume_refuses_what_would_change_the_run(corpus, tmp_path):
 
 
 def test_a_rank_that_dies_ends_the_others_with_a_clear_line(corpus, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29552",
-           *script(corpus, tmp_path, "--max_steps", "100000", "--epochs", "1000", "--batch_size", "2",
-                   "--save_interval", "2")[1:]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            start_new_session=True)
-    try:
-        wait_for_line(proc, "step 3/")
-        workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train_pretrain.py"], capture_output=True,
-                                 text=True).stdout.split()
-        os.kill(int(max(workers, key=int)), signal.SIGKILL)  # rank 1 dies without a word
-        _, err = proc.communicate(timeout=120)  # bounded: the survivor does not hang
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc = signal_one_rank(corpus, tmp_path, 29552, signal.SIGKILL, "--save_interval", "2")  # dies without a word
     assert proc.returncode != 0
-    assert "another process of this run stopped" in err and "--from_resume 1" in err, err[-3000:]
+    assert "another process of this run stopped" in proc.err and "--from_resume 1" in proc.err, proc.err[-3000:]
     assert load_trainer_state(tmp_path / "pretrain")["step"] >= 2  # the last save is intact and loads
-
-
-KILL_MID_SAVE = """
-import sys
-import minillm.checkpoint as ck
-import train_pretrain
-
-original, saves = ck.save_file, []
-
-def save_file(*args, **kwargs):  # the second save: announce it, half-write, and wait to be killed
-    saves.append(1)
-    if len(saves) == 2:
-        with open(args[1], "wb") as f:
-            f.write(b"half a file")
-        print("MID-SAVE", flush=True)
-        sys.stdin.read()
-    return original(*args, **kwargs)
-
-ck.save_file = save_file
-train_pretrain.main(sys.argv[1:])
-"""
-
-
-def test_kill_9_in_the_middle_of_a_save_loses_nothing(corpus, tmp_path):
-    """kill -9 while the temporary save folder is half written (chosen by what the run did: it printed
-    MID-SAVE from inside the save, no clock): the previous checkpoint loads, the next start removes
-    the leftover, and --from_resume 1 goes on from the previous save."""
-    proc = subprocess.Popen([sys.executable, "-c", KILL_MID_SAVE, *script(corpus, tmp_path, "--max_steps", "6",
-                                                                           "--save_interval", "2")[2:]],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV, cwd=ROOT)
-    wait_for_line(proc, "MID-SAVE")
-    leftovers = list(tmp_path.glob("pretrain.tmp*"))
-    assert leftovers and (leftovers[0] / "model.safetensors").read_bytes() == b"half a file"
-    proc.kill()
-    proc.communicate()
-    assert load_trainer_state(tmp_path / "pretrain")["step"] == 2  # the first save, whole
-    resumed = pretrain(corpus, tmp_path, "--max_steps", "6", "--save_interval", "2", "--from_resume", "1")
-    assert resumed.step == 6 and not list(tmp_path.glob("pretrain.tmp*"))

@@ -20,15 +20,6 @@ TINY = ["--preset", "debug", "--vocab_size", "6400", "--max_seq_len", "32", "--b
         "--log_interval", "1", "--num_workers", "0", "--use_tensorboard", "0", "--learning_rate", "3e-3"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """The first few hundred documents of the demo corpus, in a folder of its own (cache lands there)."""
-    path = tmp_path_factory.mktemp("corpus") / "pretrain.jsonl"
-    lines = (ROOT / "dataset/demo/pretrain.jsonl").read_text(encoding="utf-8").splitlines()[:300]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
 def run_pretrain(corpus, save_dir, *extra):
     return train_pretrain.main(TINY + ["--data_path", str(corpus), "--save_dir", str(save_dir), *extra])
 
