@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from minillm.config import ModelConfig
 from minillm.kernels import dispatch
-from minillm.kernels.reference import attention_ref
 
 
 @contextlib.contextmanager

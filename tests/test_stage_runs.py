@@ -1,6 +1,5 @@
 """Real runs are not demo runs: held-out evaluation from the user's data (logged to TensorBoard beside
 the training loss), no demo set leaking into a run on other data, and the vocabulary from the tokenizer."""
-import json
 from pathlib import Path
 
 import pytest
