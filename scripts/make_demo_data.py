@@ -12,6 +12,8 @@ Held-out evaluation sets are carved out *before* any training file is written:
 - heldout_reason: arithmetic problems that appear in no training file at all;
 - heldout_medical / heldout_identity: paraphrases that the LoRA files never use.
 The medical facts (fictional diseases) exist only in lora_medical.jsonl.
+bench/ is a multiple-choice set in C-Eval's layout (dev/ and val/ CSVs, one subject per world relation)
+for `eval_model.py --bench dataset/demo/bench`; its questions use phrasings no other file uses.
 """
 import argparse
 import json
@@ -685,23 +687,113 @@ def build_all(seed=SEED):
     return files
 
 
+# ---------------------------------------------------------------------------------------------
+# The multiple-choice bench (dataset/demo/bench/): C-Eval's layout and CSV columns, one subject per
+# world relation, asked in phrasings no other file uses. Wrong choices are objects of the same kind
+# (other countries' capitals, other jobs, ...); each subject's correct letters are balanced.
+# ---------------------------------------------------------------------------------------------
+BENCH_QUESTIONS = {
+    "capital": ("Pick the capital city of {s} from the options below.", "下列选项中，哪一个是{s}的首都？"),
+    "language": ("Pick the language that is spoken in {s} from the options below.", "下列选项中，{s}人说的是哪一种语言？"),
+    "river": ("Pick the river that flows through {s} from the options below.", "下列选项中，哪一条河流经{s}？"),
+    "job": ("Pick {s}'s occupation from the options below.", "下列选项中，哪一项是{s}的职业？"),
+    "hometown": ("Pick {s}'s home city from the options below.", "下列选项中，{s}来自哪座城市？"),
+    "color": ("Pick the color of {s} from the options below.", "下列选项中，{s}是什么颜色的？"),
+    "food": ("Pick what {s} eats from the options below.", "下列选项中，{s}吃的是哪一种？"),
+}
+BENCH_SUBJECTS = {"capital": ["Capitals", "首都"], "language": ["Languages", "语言"], "river": ["Rivers", "河流"],
+                  "job": ["Jobs", "职业"], "hometown": ["Hometowns", "家乡"], "color": ["Animal colors", "动物颜色"],
+                  "food": ["Animal foods", "动物食物"]}
+N_BENCH_DEV = 3  # entities per subject whose questions form the dev split (k-shot examples), both languages
+
+
+def bench_options(world, rel, lang):
+    """Every possible object of a relation in one language (the pool wrong choices come from)."""
+    i = 0 if lang == "en" else 1
+    pools = {"job": JOBS, "color": COLORS, "food": FOODS}
+    if rel in pools:
+        return [x[i] for x in pools[rel]]
+    key = "capital" if rel == "hometown" else rel
+    return [c[key][i] for c in world["countries"]]
+
+
+def bench_rows(world, rel, entities, lang, rng, letters):
+    rows = []
+    for e, letter in zip(entities, letters):
+        fields = fact_fields((rel, e), lang)
+        wrong = rng.sample([o for o in bench_options(world, rel, lang) if o != fields["o"]], 3)
+        choices = wrong[:letter] + [fields["o"]] + wrong[letter:]
+        rows.append({"question": BENCH_QUESTIONS[rel][0 if lang == "en" else 1].format(**fields),
+                     "choices": choices, "answer": "ABCD"[letter], "explanation": say((rel, e), lang, "answer")})
+    return rows
+
+
+def balanced_letters(n, rng):
+    letters = [i % 4 for i in range(n)]
+    rng.shuffle(letters)
+    return letters
+
+
+def csv_text(rows, with_explanation):
+    import csv
+    import io
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "question", "A", "B", "C", "D", "answer"] + ["explanation"] * with_explanation)
+    for i, row in enumerate(rows):
+        writer.writerow([i, row["question"], *row["choices"], row["answer"]]
+                        + [row["explanation"]] * with_explanation)
+    return buf.getvalue()
+
+
+def build_bench(world, rng):
+    """{relative path: text} under bench/: dev/<subject>_dev.csv (with explanations), val/<subject>_val.csv
+    and C-Eval's subject_mapping.json. Every entity of a kind is asked about once per language."""
+    kinds = {"country": world["countries"], "person": world["people"], "animal": world["animals"]}
+    files = {}
+    for kind, entities in kinds.items():
+        for rel in WORLD_RELATIONS[kind]:
+            dev_entities = rng.sample(entities, N_BENCH_DEV)
+            val_entities = [e for e in entities if not any(e is d for d in dev_entities)]
+            dev, val = [], []
+            for lang in ("en", "zh"):
+                dev += bench_rows(world, rel, dev_entities, lang, rng, balanced_letters(N_BENCH_DEV, rng))
+            letters = balanced_letters(2 * len(val_entities), rng)
+            for j, lang in enumerate(("en", "zh")):
+                n = len(val_entities)
+                val += bench_rows(world, rel, val_entities, lang, rng, letters[j * n: (j + 1) * n])
+            files[f"bench/dev/{rel}_dev.csv"] = csv_text(dev, True)
+            files[f"bench/val/{rel}_val.csv"] = csv_text(val, False)
+    mapping = {rel: names + ["Demo world"] for rel, names in BENCH_SUBJECTS.items()}
+    files["bench/subject_mapping.json"] = json.dumps(mapping, ensure_ascii=False, indent=1) + "\n"
+    return files
+
+
+def bench_files(seed=SEED):
+    """The bench files' texts, {path relative to the demo folder: text}; their own RNG stream."""
+    return build_bench(make_world(seed), random.Random(seed + 8))
+
+
 def main(out_dir="dataset/demo", seed=SEED, overwrite=False):
     """Write every file; a file that exists with other content (edited, or another --seed) is replaced
-    only with overwrite=True. Files already identical are left as they are."""
+    only with overwrite=True. Files already identical are left as they are. Returns {name: path} of
+    the .jsonl files; the bench's CSVs go to out_dir/bench/ (see bench_files)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    texts = {name: "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    texts = {f"{name}.jsonl": "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
              for name, rows in build_all(seed).items()}
-    paths = {name: out_dir / f"{name}.jsonl" for name in texts}
+    texts.update(bench_files(seed))
+    paths = {rel: out_dir / rel for rel in texts}
     differ = [paths[n] for n in texts if paths[n].is_file() and paths[n].read_text(encoding="utf-8") != texts[n]]
     if differ and not overwrite:
         raise SystemExit(f"error: {', '.join(map(str, differ))} already exist with other content; pass "
                          f"--overwrite 1 to replace them, or --out_dir another folder")
-    for name, text in texts.items():
-        if not (paths[name].is_file() and paths[name].read_text(encoding="utf-8") == text):
-            with open(paths[name], "w", encoding="utf-8", newline="\n") as f:
+    for rel, text in texts.items():
+        if not (paths[rel].is_file() and paths[rel].read_text(encoding="utf-8") == text):
+            paths[rel].parent.mkdir(parents=True, exist_ok=True)
+            with open(paths[rel], "w", encoding="utf-8", newline="\n") as f:
                 f.write(text)
-    return paths
+    return {rel[: -len(".jsonl")]: path for rel, path in paths.items() if rel.endswith(".jsonl")}
 
 
 if __name__ == "__main__":
@@ -714,3 +806,7 @@ if __name__ == "__main__":
     for name, path in main(args.out_dir, args.seed, bool(args.overwrite)).items():
         n_rows = sum(1 for _ in open(path, encoding="utf-8"))
         print(f"{path}: {n_rows} rows, {path.stat().st_size / 1e3:.0f} KB")
+    bench = Path(args.out_dir) / "bench"
+    print(f"{bench}/: {len(list(bench.glob('val/*.csv')))} subjects, "
+          f"{sum(len(open(p, encoding='utf-8').readlines()) - 1 for p in bench.glob('val/*.csv'))} val questions "
+          f"(dev: k-shot examples), C-Eval's CSV layout")
