@@ -7,11 +7,18 @@
     python eval_model.py --interactive --history_cnt 4        # chat on stdin (/help; Ctrl-D or /exit ends)
     python eval_model.py --checkpoint out/full_sft --eval_data dataset/demo/sft.jsonl   # loss / perplexity
     python eval_model.py --model_mode 0 --heldout dataset/demo/heldout_sft.jsonl        # held-out accuracy
+    python eval_model.py --checkpoint out/full_sft --bench dataset/demo/bench --shots 3  # multiple choice
+    python eval_model.py --checkpoint out/full_sft --bench ceval-exam --bench_out ceval.json     # C-Eval val
 
 --model_mode picks the checkpoint folder under --save_dir (MiniMind's flag): 0 pretrain,
 1 full_sft, 2 dpo, 3 reason; --checkpoint DIR loads any folder instead. --lora_name NAME loads
 the adapter in <save_dir>/NAME onto it. Held-out questions are always asked in chat format,
 even to a pretrained model (mode 0), which is why a pretrain-only model scores low there.
+
+--bench DIR scores C-Eval / CMMLU CSVs (dev/ val/ test/ folders, or one folder of subject files) or,
+with --bench_format jsonl, {"question", "choices", "answer"} rows: the letter with the highest
+next-token log-prob after C-Eval's prompt ("答案：", or "Answer:" for English questions) is the
+model's answer; zero-shot or --shots K examples from the dev split (minillm/bench.py says how).
 
 Chat (--interactive) commands: /help, /clear, /system TEXT, /think on|off, /exit. A prompt longer
 than the model's context leaves room for (max_position_embeddings - --max_new_tokens) loses its
@@ -83,6 +90,23 @@ def build_parser():
     p.add_argument("--heldout", default="", help="heldout_*.jsonl: print the greedy-answer accuracy; default: the "
                                                  "demo set of this stage for demo checkpoints, 'none' = skip")
     p.add_argument("--max_seq_len", type=int, default=512, help="row length for --eval_data (default 512)")
+    g = p.add_argument_group("multiple-choice benchmarks (C-Eval / CMMLU)")
+    g.add_argument("--bench", default="", metavar="DIR",
+                   help="score the multiple-choice questions in DIR (C-Eval/CMMLU CSV folders, or a file); "
+                        "e.g. dataset/demo/bench")
+    g.add_argument("--bench_split", default=None, choices=("val", "test", "dev"),
+                   help="which folder to score (default: val if present, else test; rows without answers "
+                        "are skipped and counted)")
+    g.add_argument("--shots", type=int, default=0, help="k-shot examples per question from the dev split "
+                                                         "of the same subject (default 0)")
+    g.add_argument("--bench_chat", type=int, choices=(0, 1), default=None,
+                   help="1: the prompt as a user turn + the assistant header; 0: raw text (default: 1 for "
+                        "chat models, --model_mode >= 1 or a LoRA; 0 for pretrain)")
+    g.add_argument("--bench_format", default="csv", choices=("csv", "jsonl"),
+                   help='csv (C-Eval/CMMLU columns) or jsonl ({"question", "choices": [...], "answer"})')
+    g.add_argument("--bench_out", default="", metavar="FILE.json",
+                   help="also write {subject: {correct, total, accuracy}, overall} to FILE.json")
+    g.add_argument("--bench_batch_size", type=int, default=16, help="prompts per forward pass (default 16)")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
     add_minimind_flags(p)
     return p
@@ -167,7 +191,9 @@ def check_args(args):
              ("top_p", 0 < args.top_p <= 1, "must be in (0, 1]"),
              ("max_new_tokens", args.max_new_tokens >= 1, "must be at least 1"),
              ("history_cnt", args.history_cnt >= 0, "must be >= 0 (0 = every turn stands alone)"),
-             ("max_seq_len", args.max_seq_len >= 1, "must be at least 1")]
+             ("max_seq_len", args.max_seq_len >= 1, "must be at least 1"),
+             ("shots", args.shots >= 0, "must be >= 0 (0 = zero-shot)"),
+             ("bench_batch_size", args.bench_batch_size >= 1, "must be at least 1")]
     problems = [f"--{name} {getattr(args, name)} {rule}" for name, fine, rule in rules if not fine]
     if problems:
         raise UserError("; ".join(problems))
@@ -408,6 +434,34 @@ def chat_loop(model, tok, args, chat: bool, read=input, state: ChatState | None 
             print(f"[error: {e}]")
 
 
+def run_bench(model, tok, args, chat: bool):
+    """--bench: per-subject and overall accuracy, printed (and written to --bench_out)."""
+    import json
+
+    from minillm.bench import chance_level, format_report, load_bench, load_dev, score_bench, subject_names
+    questions, skipped, split = load_bench(args.bench, args.bench_split, args.bench_format)
+    dev = load_dev(args.bench, args.bench_format) if args.shots else {}
+    n = sum(len(q) for q in questions.values())
+    if not n:
+        raise UserError(f"--bench {args.bench}: no question with an answer{f' in {split}/' if split else ''} "
+                        f"({skipped} without; C-Eval's test split has none: use --bench_split val)")
+    print(f"bench {args.bench}{f' ({split})' if split else ''}: {n} questions in {len(questions)} subjects"
+          f"{f', {skipped} without an answer skipped' if skipped else ''}; {args.shots}-shot, "
+          f"{'chat' if chat else 'raw'} prompts; chance {100 * chance_level(questions):.1f}%")
+    report = score_bench(model, tok, questions, dev, shots=args.shots, chat=chat,
+                         batch_size=args.bench_batch_size, names=subject_names(args.bench))
+    print(format_report(report))
+    if report.shots_dropped or report.truncated:
+        print(f"[{report.shots_dropped} examples left out and {report.truncated} prompts cut at the start to fit "
+              f"the model's {model.config.max_position_embeddings}-token context]")
+    if args.bench_out:
+        out = Path(args.bench_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report.to_json(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        print(f"scores written to {out}")
+    return report
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     apply_minimind_flags(args, argv)
@@ -436,9 +490,12 @@ def main(argv=None):
         print(f"eval {args.eval_data} ({s['format']}, {s['rows']} rows, {s['tokens']} target tokens): "
               f"loss {s['loss']:.4f} perplexity {s['perplexity']:.2f}")
 
+    if args.bench:
+        run_bench(model, tok, args, chat if args.bench_chat is None else bool(args.bench_chat))
+
     no_heldout = args.heldout.lower() == "none"
     heldout = "" if no_heldout else args.heldout
-    if not args.eval_data and not heldout:  # auto-test: the fixed prompts, streamed
+    if not args.eval_data and not heldout and not args.bench:  # auto-test: the fixed prompts, streamed
         history = []
         for prompt in LORA_PROMPTS.get(lora) or PROMPTS[args.model_mode]:
             print(f"\n{'prompt' if not chat else 'user'}> {prompt}")
