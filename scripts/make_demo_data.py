@@ -698,7 +698,7 @@ BENCH_QUESTIONS = {
     "river": ("Pick the river that flows through {s} from the options below.", "下列选项中，哪一条河流经{s}？"),
     "job": ("Pick {s}'s occupation from the options below.", "下列选项中，哪一项是{s}的职业？"),
     "hometown": ("Pick {s}'s home city from the options below.", "下列选项中，{s}来自哪座城市？"),
-    "color": ("Pick the color of {s} from the options below.", "下列选项中，{s}是什么颜色的？"),
+    "color": ("Pick the color of {s} from the options below.", "下列选项中，哪一种是{s}的颜色？"),
     "food": ("Pick what {s} eats from the options below.", "下列选项中，{s}吃的是哪一种？"),
 }
 BENCH_SUBJECTS = {"capital": ["Capitals", "首都"], "language": ["Languages", "语言"], "river": ["Rivers", "河流"],

@@ -177,3 +177,58 @@ def test_regenerating_never_replaces_edited_data_without_the_flag(tmp_path):
     assert "mine" in edited.read_text(encoding="utf-8")
     gen.main(tmp_path, overwrite=True)
     assert edited.read_bytes() == (DEMO / "sft.jsonl").read_bytes()
+
+
+# ---- the multiple-choice bench (dataset/demo/bench/, C-Eval's layout) ----------------------------
+
+def bench_rows(split):
+    import csv
+    rows = {}
+    for path in sorted((DEMO / "bench" / split).glob(f"*_{split}.csv")):
+        with open(path, encoding="utf-8", newline="") as f:
+            rows[path.name[: -len(f"_{split}.csv")]] = list(csv.DictReader(f))
+    return rows
+
+
+def test_bench_files_are_reproduced_byte_for_byte(tmp_path):
+    gen = load_generator()
+    gen.main(tmp_path)
+    expected = sorted(p.relative_to(DEMO).as_posix() for p in (DEMO / "bench").rglob("*") if p.is_file())
+    assert sorted(gen.bench_files()) == expected
+    for rel in expected:
+        assert (tmp_path / rel).read_bytes() == (DEMO / rel).read_bytes(), \
+            f"{rel} differs: rerun `python scripts/make_demo_data.py` and commit the result"
+
+
+def test_bench_questions_are_phrased_as_in_no_training_file():
+    training_text = all_text(TRAINING_FILES)
+    heldout_text = "\n".join(row["question"] for name in HELDOUT_FILES for row in read(name))
+    gen = load_generator()
+    for split in ("dev", "val"):
+        for subject, rows in bench_rows(split).items():
+            for row in rows:
+                assert row["question"] not in training_text and row["question"] not in heldout_text, row
+            # the template itself (the question without its entity name) never occurs either
+            for template in gen.BENCH_QUESTIONS[subject]:
+                for piece in template.split("{s}"):
+                    if len(piece.strip("，？?. ")) >= 6:
+                        assert piece not in training_text, (subject, piece)
+
+
+def test_bench_choices_are_of_one_kind_with_balanced_letters_and_dev_apart_from_val():
+    world = load_generator().make_world()
+    gen = load_generator()
+    dev, val = bench_rows("dev"), bench_rows("val")
+    assert sorted(dev) == sorted(val) == sorted(gen.BENCH_QUESTIONS)
+    assert all("explanation" in rows[0] for rows in dev.values())
+    for subject, rows in val.items():
+        counts = [sum(r["answer"] == letter for r in rows) for letter in "ABCD"]
+        assert max(counts) - min(counts) <= 1, (subject, counts)  # a constant guess scores ~25%
+        dev_questions = {r["question"] for r in dev[subject]}
+        for row in rows:
+            choices = [row[letter] for letter in "ABCD"]
+            lang = "zh" if re.search(r"[\u4e00-\u9fff]", row["question"]) else "en"
+            pool = gen.bench_options(world, subject, lang)
+            assert len(set(choices)) == 4 and set(choices) <= set(pool), row
+            assert row["question"] not in dev_questions
+    assert sum(map(len, val.values())) >= 80 and all(len(rows) == 6 for rows in dev.values())
