@@ -101,7 +101,8 @@ def build_parser():
                                                          "of the same subject (default 0)")
     g.add_argument("--bench_chat", type=int, choices=(0, 1), default=None,
                    help="1: the prompt as a user turn + the assistant header; 0: raw text (default: 1 for "
-                        "chat models, --model_mode >= 1 or a LoRA; 0 for pretrain)")
+                        "chat models, --model_mode >= 1 or a LoRA; 0 for pretrain: --model_mode 0, or a "
+                        "checkpoint that train_pretrain.py saved)")
     g.add_argument("--bench_format", default="csv", choices=("csv", "jsonl"),
                    help='csv (C-Eval/CMMLU columns) or jsonl ({"question", "choices": [...], "answer"})')
     g.add_argument("--bench_out", default="", metavar="FILE.json",
@@ -434,6 +435,15 @@ def chat_loop(model, tok, args, chat: bool, read=input, state: ChatState | None 
             print(f"[error: {e}]")
 
 
+def recorded_stage(folder) -> str:
+    """The save_weight a stage script recorded in the checkpoint's config ('pretrain', 'full_sft', ...),
+    '' when unknown: --bench asks a pretrained checkpoint in raw text even when picked by --checkpoint."""
+    try:
+        return str(load_config(folder)[1].get("train", {}).get("save_weight", ""))
+    except (FileNotFoundError, ValueError, AttributeError):
+        return ""
+
+
 def run_bench(model, tok, args, chat: bool):
     """--bench: per-subject and overall accuracy, printed (and written to --bench_out)."""
     import json
@@ -491,7 +501,8 @@ def main(argv=None):
               f"loss {s['loss']:.4f} perplexity {s['perplexity']:.2f}")
 
     if args.bench:
-        run_bench(model, tok, args, chat if args.bench_chat is None else bool(args.bench_chat))
+        bench_chat = chat and not (not lora and recorded_stage(folder) == "pretrain")
+        run_bench(model, tok, args, bench_chat if args.bench_chat is None else bool(args.bench_chat))
 
     no_heldout = args.heldout.lower() == "none"
     heldout = "" if no_heldout else args.heldout

@@ -28,9 +28,11 @@ def tiny_model(seed=0):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt") / "full_sft"
-    save_checkpoint(folder, tiny_model(), TOK, TrainConfig(data_path="dataset/demo/sft.jsonl"))
-    return folder
+    out = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(out / "pretrain", tiny_model(), TOK, TrainConfig(data_path="dataset/demo/pretrain.jsonl"))
+    save_checkpoint(out / "full_sft", tiny_model(), TOK,
+                    TrainConfig(data_path="dataset/demo/sft.jsonl", save_weight="full_sft"))
+    return out / "full_sft"
 
 
 def write(path: Path, text: str) -> Path:
@@ -229,3 +231,11 @@ def test_eval_model_bench_prints_a_table_and_writes_json(tmp_path, checkpoint):
     assert "user>" not in r.stdout and "held-out" not in r.stdout  # --bench replaces the auto-test
     r = run_eval("--checkpoint", checkpoint, "--bench", DEMO_BENCH, "--bench_split", "test")
     assert r.returncode == 2 and "has no test/ folder" in r.stderr
+
+
+def test_pretrained_checkpoints_get_raw_prompts_unless_asked(checkpoint, tmp_path):
+    quiz = write(tmp_path / "quiz.jsonl", json.dumps({"question": "q?", "choices": ["a", "b"], "answer": 0}) + "\n")
+    pretrain = checkpoint.parent / "pretrain"
+    for args, kind in ((["--checkpoint", pretrain], "raw"), (["--checkpoint", pretrain, "--bench_chat", "1"], "chat")):
+        r = run_eval(*args, "--bench", quiz, "--bench_format", "jsonl")
+        assert r.returncode == 0 and f"0-shot, {kind} prompts; chance 50.0%" in r.stdout, (args, r.stdout, r.stderr)
