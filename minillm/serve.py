@@ -298,7 +298,8 @@ class ReasoningSplitter:
                 if s.startswith(self.OPEN):
                     self.mode, self.buf = "lead_reasoning", s[len(self.OPEN):]
                     continue
-                if not final and (not s or self.OPEN.startswith(s)):
+                # wait while a think tag may still come (a few blank characters, or part of the tag)
+                if not final and ((not s and len(self.buf) < 8) or (s and self.OPEN.startswith(s))):
                     return reasoning, content
                 self.mode = "content"
                 continue
