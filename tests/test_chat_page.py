@@ -218,6 +218,22 @@ def test_chat_page_streams_keeps_history_and_shows_errors(browser, server, tmp_p
     assert shot.stat().st_size > 1000
     print("screenshot:", shot)
 
+    # Stop: a long reply cut short keeps what came, and that is what the history holds
+    drv.find_element(By.ID, "max_tokens").clear()
+    drv.find_element(By.ID, "max_tokens").send_keys("700")
+    drv.find_element(By.ID, "input").send_keys("Tell me a long story.")
+    drv.find_element(By.ID, "send").click()
+    wait_for(drv, "document.querySelectorAll('.msg.assistant').length === 3 && "
+                  "document.querySelectorAll('.msg.assistant .content')[2].textContent.length > 0",
+             what="the third reply to start")
+    drv.find_element(By.ID, "stop").click()
+    wait_for(drv, "window.minillmChat.state.busy === false", what="the stopped reply to end")
+    stopped = drv.execute_script("const b = document.querySelectorAll('.msg.assistant')[2];"
+                                 "return [b.dataset.finish, b.querySelector('.content').textContent,"
+                                 "        window.minillmChat.history];")
+    assert stopped[0] == "stopped" and stopped[1], stopped[:2]
+    assert len(stopped[2]) == 6 and stopped[2][5] == {"role": "assistant", "content": stopped[1]}
+
     # an error from the server ({"error": {"message": ...}}, 4xx) is shown, and the failed turn
     # leaves the history (its text goes back into the input box)
     drv.execute_script("const s = document.getElementById('model'); const o = document.createElement('option');"
@@ -227,7 +243,7 @@ def test_chat_page_streams_keeps_history_and_shows_errors(browser, server, tmp_p
     drv.find_element(By.ID, "send").click()
     err = wait_for(drv, "(document.querySelector('.msg .error') || {}).textContent", what="the error message")
     assert "no_such_model" in err or "model" in err.lower(), err
-    assert drv.execute_script("return window.minillmChat.history.length;") == 4
+    assert drv.execute_script("return window.minillmChat.history.length;") == 6
     assert drv.find_element(By.ID, "input").get_attribute("value") == "this one fails"
 
     # clear chat forgets everything
