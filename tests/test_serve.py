@@ -172,6 +172,33 @@ def test_concurrent_streams_each_equal_their_solo_reply(env):
     assert engine.peak > 1  # rows were decoded together
 
 
+def test_requests_join_a_running_batch(env):
+    """Continuous batching: requests that arrive while another is mid-reply join its batch between two
+    decode steps (the cache re-padded on the left) and every reply is still its solo reply."""
+    engine, client = env["engine"], env["client"]
+    first = (PROMPTS[0], 300)  # a short prompt: the longer ones joining it make the running rows re-pad
+    later = [(PROMPTS[2], 40), (PROMPTS[3], 20), (PROMPTS[5], 30)]
+    want = [solo(env, p, BASE, n) for p, n in [first] + later]
+    engine.peak = 0
+    pieces, results = [], {}
+
+    def late(k, prompt, n):
+        results[k] = stream_text(client, model=BASE, messages=[{"role": "user", "content": prompt}], temperature=0,
+                                 max_tokens=n)[:2]
+
+    threads = [threading.Thread(target=late, args=(k, p, n)) for k, (p, n) in enumerate(later)]
+    for chunk in client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": first[0]}],
+                                                temperature=0, max_tokens=first[1], stream=True):
+        pieces.append(chunk.choices[0].delta.content or "")
+        if len(pieces) == 4:
+            for t in threads:
+                t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [("", "".join(pieces))] + [results[k] for k in range(len(later))] == want
+    assert engine.peak > 1
+
+
 def test_reasoning_is_split_out(env):
     client, tok = env["client"], env["tok"]
     messages = [{"role": "user", "content": "Why?"}]
