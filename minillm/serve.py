@@ -135,10 +135,10 @@ class Engine:
                     try:
                         self._step(name, batch)
                     except Exception as e:  # noqa: BLE001 - a bug must not kill the server
-                        for s in batch.seqs:
+                        failed, batch.seqs, batch.cache = batch.seqs, [], None
+                        for s in failed:
                             s.finished = True
                             s.emit(("error", f"engine failure: {type(e).__name__}: {e}"))
-                        batch.seqs, batch.cache = [], None
 
     def _take(self, block: bool):
         try:
@@ -564,7 +564,10 @@ def create_app(models: dict, tokenizer, max_batch: int = 32, default_max_tokens:
                                                     else int.from_bytes(uuid.uuid4().bytes[:6], "big"))
 
             def emit(item, i=i):
-                loop.call_soon_threadsafe(events.put_nowait, (i, item))
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, (i, item))
+                except RuntimeError:  # the event loop is gone (shutdown): nobody to tell, the row leaves
+                    seqs[i].cancelled = True
             seqs.append(Seq(list(req.prompt), params, gen, emit, i, req.model))
         engine.submit(seqs)
         texts = [ChoiceText(tokenizer, req.stop) for _ in seqs]

@@ -320,6 +320,21 @@ def test_engine_failure_fails_only_that_request(env, monkeypatch):
         assert bad.result().json()["error"]["type"] == "server_error" and "boom" in bad.result().json()["error"]["message"]
         assert good.result().choices[0].message.content == solo(env, PROMPTS[0], BASE, 12)[1]
     monkeypatch.undo()
+    step = engine._step
+
+    def faulty_step(name, batch):
+        if any(s.params.max_new_tokens == 17 for s in batch.seqs):
+            raise RuntimeError("step boom")
+        return step(name, batch)
+
+    monkeypatch.setattr(engine, "_step", faulty_step)  # a shared decode step fails: its rows get the error
+    with httpx.stream("POST", env["url"] + "/v1/chat/completions", timeout=30,
+                      json={"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 17,
+                            "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["error"]["type"] == "server_error" and "step boom" in events[-1]["error"]["message"]
+    monkeypatch.undo()
+    assert engine.active() == 0
     assert client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
 
 
