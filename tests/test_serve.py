@@ -32,8 +32,8 @@ import serve_openai_api  # noqa: E402
 
 BASE, LORA, THINK = "minillm:full_sft", "minillm:full_sft+lora_x", "minillm:think"
 PROMPTS = ["Hello", "Why is the sky blue?", "Tell me a long story about dragons and their gold, please, in detail.",
-           "x", "What is 36 + 20?", "达卡亚的首都是哪里？", "Name three colours and say which one you like best.",
-           "ok"]
+           "x", "What is 36 + 20?", "达卡亚的首都是哪里？",
+           "Name three colours and say which one you like best.", "ok"]
 
 
 def scripted_model(tok):
@@ -288,7 +288,8 @@ def test_bad_requests_get_openai_errors(env):
     for body, status, param in cases:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         r = httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=30)
-        assert r.status_code == status, (body if isinstance(body, bytes) else {k: body[k] for k in body if k != "messages"}, r.text)
+        shown = body if isinstance(body, bytes) else {k: v for k, v in body.items() if k != "messages"}
+        assert r.status_code == status, (shown, r.text)
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["param"] == param
     r = httpx.post(url, json={**ok, "messages": [{"role": "user", "content": long_text}]}, timeout=30)
@@ -317,7 +318,8 @@ def test_engine_failure_fails_only_that_request(env, monkeypatch):
         good = pool.submit(client.chat.completions.create, model=BASE, temperature=0, max_tokens=12,
                            messages=[{"role": "user", "content": PROMPTS[0]}])
         assert bad.result().status_code == 500
-        assert bad.result().json()["error"]["type"] == "server_error" and "boom" in bad.result().json()["error"]["message"]
+        err = bad.result().json()["error"]
+        assert err["type"] == "server_error" and "boom" in err["message"]
         assert good.result().choices[0].message.content == solo(env, PROMPTS[0], BASE, 12)[1]
     monkeypatch.undo()
     step = engine._step
