@@ -107,6 +107,10 @@ def build_parser():
                    help='csv (C-Eval/CMMLU columns) or jsonl ({"question", "choices": [...], "answer"})')
     g.add_argument("--bench_out", default="", metavar="FILE.json",
                    help="also write {subject: {correct, total, accuracy}, overall} to FILE.json")
+    g.add_argument("--bench_score", default="letter", choices=("letter", "text"),
+                   help="letter: the letter with the highest next-token log-prob after the listed options "
+                        "(C-Eval's way, default); text: the choice whose own text is likeliest as the answer, "
+                        "options not listed (cloze style: for models that never learned the lettered format)")
     g.add_argument("--bench_batch_size", type=int, default=16, help="prompts per forward pass (default 16)")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
     add_minimind_flags(p)
@@ -457,9 +461,9 @@ def run_bench(model, tok, args, chat: bool):
                         f"({skipped} without; C-Eval's test split has none: use --bench_split val)")
     print(f"bench {args.bench}{f' ({split})' if split else ''}: {n} questions in {len(questions)} subjects"
           f"{f', {skipped} without an answer skipped' if skipped else ''}; {args.shots}-shot, "
-          f"{'chat' if chat else 'raw'} prompts; chance {100 * chance_level(questions):.1f}%")
+          f"{'chat' if chat else 'raw'} prompts, {args.bench_score} scoring; chance {100 * chance_level(questions):.1f}%")
     report = score_bench(model, tok, questions, dev, shots=args.shots, chat=chat,
-                         batch_size=args.bench_batch_size, names=subject_names(args.bench))
+                         batch_size=args.bench_batch_size, names=subject_names(args.bench), score=args.bench_score)
     print(format_report(report))
     if report.shots_dropped or report.truncated:
         print(f"[{report.shots_dropped} examples left out and {report.truncated} prompts cut at the start to fit "

@@ -225,17 +225,25 @@ def subject_names(root) -> dict[str, tuple[str, str]]:
 # ----------------------------------------------------------------------------------------------
 # prompts and scoring
 
-def format_question(q: Question, lang: str, with_answer: bool) -> str:
-    text = q.question + "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(q.choices)) + CUES[lang]
-    return text + ANSWER_SEP[lang] + LETTERS[q.answer] + "\n\n" if with_answer else text
+def format_question(q: Question, lang: str, with_answer: bool, style: str = "letter") -> str:
+    """style "letter": the question, its lettered options, the cue (and the answer's letter);
+    "text": the question and the cue (and the answer's text), no options."""
+    text = q.question
+    if style == "letter":
+        text += "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(q.choices))
+    text += CUES[lang]
+    if not with_answer:
+        return text
+    return text + ANSWER_SEP[lang] + (LETTERS[q.answer] if style == "letter" else q.choices[q.answer]) + "\n\n"
 
 
-def build_prompt(q: Question, examples: list[Question], subject: str) -> str:
+def build_prompt(q: Question, examples: list[Question], subject: str, style: str = "letter") -> str:
     """C-Eval's prompt (Chinese) or MMLU's (English), by the question's language; `examples` are
-    the k shots, answers included."""
+    the k shots, answers included. style "text" (--bench_score text) leaves the options out: the
+    answer is then the choice's own text, scored as a continuation."""
     lang = q.lang
-    return (HEADERS[lang].format(subject=subject) + "".join(format_question(e, lang, True) for e in examples)
-            + format_question(q, lang, False))
+    return (HEADERS[lang].format(subject=subject) + "".join(format_question(e, lang, True, style) for e in examples)
+            + format_question(q, lang, False, style))
 
 
 def pick_shots(q: Question, dev: list[Question], k: int) -> list[Question]:
@@ -321,11 +329,11 @@ class BenchReport:
         return doc
 
 
-def fit_prompt(tokenizer, q, shots, name, chat, limit, report) -> list[int]:
+def fit_prompt(tokenizer, q, shots, name, chat, limit, report, style="letter") -> list[int]:
     """The prompt ids, dropping the last examples (then the oldest tokens) until it fits `limit`."""
     shots = list(shots)
     while True:
-        ids = prompt_ids(tokenizer, build_prompt(q, shots, name), chat)
+        ids = prompt_ids(tokenizer, build_prompt(q, shots, name, style), chat)
         if len(ids) <= limit or not shots:
             break
         shots.pop()
@@ -336,11 +344,39 @@ def fit_prompt(tokenizer, q, shots, name, chat, limit, report) -> list[int]:
     return ids
 
 
+def choice_ids(tokenizer, q: Question, chat: bool) -> list[list[int]]:
+    """Each choice's tokens as the answer after the cue: after "Answer:" with a space in raw text,
+    as the start of the reply in chat."""
+    sep = "" if chat else ANSWER_SEP[q.lang]
+    return [tokenizer.encode(sep + c) for c in q.choices]
+
+
+@torch.no_grad()
+def continuation_logprobs(model, contexts: list[list[int]], continuations: list[list[int]], pad_id: int) -> list[float]:
+    """Summed log p(continuation | context) per pair, one right-padded forward pass."""
+    device = next(model.parameters()).device
+    seqs = [c + t for c, t in zip(contexts, continuations)]
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+    logprobs = model(ids.to(device)).float().log_softmax(-1)
+    out = []
+    for row, (c, t) in enumerate(zip(contexts, continuations)):
+        pos = torch.arange(len(c) - 1, len(c) + len(t) - 1, device=device)
+        out.append(float(logprobs[row, pos, torch.tensor(t, device=device)].sum()))
+    return out
+
+
 def score_bench(model, tokenizer, questions: dict[str, list[Question]], dev: dict[str, list[Question]] | None = None,
                 shots: int = 0, chat: bool = True, batch_size: int = 16, names: dict | None = None,
-                progress: bool = True) -> BenchReport:
-    """Accuracy per subject: the letter with the highest next-token log-prob after each prompt."""
+                progress: bool = True, score: str = "letter") -> BenchReport:
+    """Accuracy per subject. score "letter": the letter with the highest next-token log-prob after
+    each prompt (lm-eval's C-Eval/CMMLU); "text": the choice whose own text has the highest summed
+    log-prob as the answer (lm-eval's `acc` on cloze-style tasks; the prompt then lists no options)."""
     from tqdm import tqdm
+
+    if score not in ("letter", "text"):
+        raise UserError(f"--bench_score {score}: use letter or text")
 
     dev, names = dev or {}, names or {}
     if shots > 0:
@@ -355,20 +391,32 @@ def score_bench(model, tokenizer, questions: dict[str, list[Question]], dev: dic
         for q in qs:
             en, zh = names.get(subject, (subject.replace("_", " "),) * 2)
             name = zh if q.lang == "zh" else en
+            room = limit - (max(map(len, choice_ids(tokenizer, q, chat))) if score == "text" else 0)
             jobs.append((q, fit_prompt(tokenizer, q, pick_shots(q, dev.get(subject, []), shots), name, chat,
-                                       limit, report)))
+                                       room, report, score)))
     letter_cache = {}
     jobs.sort(key=lambda j: len(j[1]))  # similar lengths together: less padding
     bar = tqdm(total=len(jobs), desc="bench", unit="q", file=sys.stderr, disable=not progress or None, leave=False)
     with eval_mode(model):
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start: start + batch_size]
-            logprobs = next_token_logprobs(model, [ids for _, ids in chunk], tokenizer.pad_id)
-            for (q, _), lp in zip(chunk, logprobs):
-                n = len(q.choices)
-                if n not in letter_cache:
-                    letter_cache[n] = letter_token_ids(tokenizer, n)
-                predicted = int(letter_scores(lp[None], letter_cache[n]).argmax(-1))
+            if score == "letter":
+                logprobs = next_token_logprobs(model, [ids for _, ids in chunk], tokenizer.pad_id)
+                predictions = []
+                for (q, _), lp in zip(chunk, logprobs):
+                    n = len(q.choices)
+                    if n not in letter_cache:
+                        letter_cache[n] = letter_token_ids(tokenizer, n)
+                    predictions.append(int(letter_scores(lp[None], letter_cache[n]).argmax(-1)))
+            else:
+                pairs = [(ids, cont) for q, ids in chunk for cont in choice_ids(tokenizer, q, chat)]
+                lls = continuation_logprobs(model, [c for c, _ in pairs], [t for _, t in pairs], tokenizer.pad_id)
+                predictions, at = [], 0
+                for q, _ in chunk:
+                    ll = lls[at: at + len(q.choices)]
+                    at += len(q.choices)
+                    predictions.append(max(range(len(ll)), key=ll.__getitem__))
+            for (q, _), predicted in zip(chunk, predictions):
                 c, t = report.by_subject.get(q.subject, (0, 0))
                 report.by_subject[q.subject] = (c + (predicted == q.answer), t + 1)
                 report.predictions.append((q.where, predicted, q.answer))

@@ -222,7 +222,7 @@ def test_eval_model_bench_prints_a_table_and_writes_json(tmp_path, checkpoint):
     out = tmp_path / "scores.json"
     r = run_eval("--checkpoint", checkpoint, "--bench", DEMO_BENCH, "--shots", "1", "--bench_out", out)
     assert r.returncode == 0, r.stderr
-    assert "1-shot, chat prompts; chance 25.0%" in r.stdout and "(val)" in r.stdout
+    assert "1-shot, chat prompts, letter scoring; chance 25.0%" in r.stdout and "(val)" in r.stdout
     doc = json.loads(out.read_text(encoding="utf-8"))
     assert sorted(doc) == sorted(["capital", "language", "river", "job", "hometown", "color", "food", "overall"])
     assert doc["overall"]["total"] == sum(v["total"] for k, v in doc.items() if k != "overall")
@@ -238,4 +238,28 @@ def test_pretrained_checkpoints_get_raw_prompts_unless_asked(checkpoint, tmp_pat
     pretrain = checkpoint.parent / "pretrain"
     for args, kind in ((["--checkpoint", pretrain], "raw"), (["--checkpoint", pretrain, "--bench_chat", "1"], "chat")):
         r = run_eval(*args, "--bench", quiz, "--bench_format", "jsonl")
-        assert r.returncode == 0 and f"0-shot, {kind} prompts; chance 50.0%" in r.stdout, (args, r.stdout, r.stderr)
+        assert r.returncode == 0 and f"0-shot, {kind} prompts, letter scoring; chance 50.0%" in r.stdout, (args, r.stdout, r.stderr)
+
+
+def test_text_scoring_sums_the_choice_tokens_log_probs(tmp_path):
+    """--bench_score text: the prompt lists no options and the prediction is the choice whose tokens,
+    appended after the cue, have the highest summed log-prob (checked by hand, unbatched)."""
+    from minillm.bench import choice_ids, continuation_logprobs
+    model = tiny_model(2)
+    q = Question("t", "Pick the capital city of Dakaia from the options below.", ["Fenta", "Yata", "Hufen", "Pratem"],
+                 0, "q")
+    text = build_prompt(q, [], "Capitals", "text")
+    assert text.endswith("options below.\nAnswer:") and "A. Fenta" not in text
+    for chat in (False, True):
+        ctx = prompt_ids(TOK, text, chat)
+        conts = choice_ids(TOK, q, chat)
+        assert conts[0] == TOK.encode(("" if chat else " ") + "Fenta")
+        batched = continuation_logprobs(model, [ctx] * 4, conts, TOK.pad_id)
+        by_hand = []
+        for cont in conts:
+            with torch.no_grad():
+                lp = model(torch.tensor([ctx + cont]))[0].double().log_softmax(-1)
+            by_hand.append(sum(float(lp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont)))
+        assert batched == pytest.approx(by_hand, abs=1e-4)
+        report = score_bench(model, TOK, {"t": [q]}, chat=chat, score="text", progress=False)
+        assert report.predictions == [("q", max(range(4), key=by_hand.__getitem__), 0)]
