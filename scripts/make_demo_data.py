@@ -728,8 +728,15 @@ def bench_rows(world, rel, entities, lang, rng, letters):
     return rows
 
 
-def balanced_letters(n, rng):
-    letters = [i % 4 for i in range(n)]
+def balanced_letters(n, rng, counter):
+    """n correct positions, each letter n/4 times; the remainder goes to the letters that have had the
+    fewest so far (`counter`, updated), so the whole split is balanced too and always guessing one
+    letter scores 25%."""
+    letters = []
+    for _ in range(n):
+        letter = min(range(4), key=lambda i: (counter[i], i))
+        counter[letter] += 1
+        letters.append(letter)
     rng.shuffle(letters)
     return letters
 
@@ -750,15 +757,15 @@ def build_bench(world, rng):
     """{relative path: text} under bench/: dev/<subject>_dev.csv (with explanations), val/<subject>_val.csv
     and C-Eval's subject_mapping.json. Every entity of a kind is asked about once per language."""
     kinds = {"country": world["countries"], "person": world["people"], "animal": world["animals"]}
-    files = {}
+    files, dev_counter, val_counter = {}, [0] * 4, [0] * 4
     for kind, entities in kinds.items():
         for rel in WORLD_RELATIONS[kind]:
             dev_entities = rng.sample(entities, N_BENCH_DEV)
             val_entities = [e for e in entities if not any(e is d for d in dev_entities)]
             dev, val = [], []
             for lang in ("en", "zh"):
-                dev += bench_rows(world, rel, dev_entities, lang, rng, balanced_letters(N_BENCH_DEV, rng))
-            letters = balanced_letters(2 * len(val_entities), rng)
+                dev += bench_rows(world, rel, dev_entities, lang, rng, balanced_letters(N_BENCH_DEV, rng, dev_counter))
+            letters = balanced_letters(2 * len(val_entities), rng, val_counter)
             for j, lang in enumerate(("en", "zh")):
                 n = len(val_entities)
                 val += bench_rows(world, rel, val_entities, lang, rng, letters[j * n: (j + 1) * n])

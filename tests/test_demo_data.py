@@ -232,3 +232,5 @@ def test_bench_choices_are_of_one_kind_with_balanced_letters_and_dev_apart_from_
             assert len(set(choices)) == 4 and set(choices) <= set(pool), row
             assert row["question"] not in dev_questions
     assert sum(map(len, val.values())) >= 80 and all(len(rows) == 6 for rows in dev.values())
+    overall = [sum(r["answer"] == letter for rows in val.values() for r in rows) for letter in "ABCD"]
+    assert max(overall) - min(overall) <= 1, overall  # and so is the whole split
