@@ -263,3 +263,15 @@ def test_text_scoring_sums_the_choice_tokens_log_probs(tmp_path):
         assert batched == pytest.approx(by_hand, abs=1e-4)
         report = score_bench(model, TOK, {"t": [q]}, chat=chat, score="text", progress=False)
         assert report.predictions == [("q", max(range(4), key=by_hand.__getitem__), 0)]
+
+
+def test_prompts_fit_the_context_by_dropping_examples_then_old_tokens(tmp_path):
+    torch.manual_seed(0)
+    model = MiniLLM(ModelConfig.preset("debug", vocab_size=TOK.vocab_size, max_position_embeddings=96)).eval()
+    long_dev = [Question("s", "word " * 30 + "?", ["a", "b", "c", "d"], 0, f"d{i}") for i in range(3)]
+    short = Question("s", "Which one?", ["a", "b", "c", "d"], 1, "q0")
+    huge = Question("s", "word " * 200 + "?", ["a", "b", "c", "d"], 2, "q1")
+    report = score_bench(model, TOK, {"s": [short, huge]}, {"s": long_dev}, shots=3, progress=False)
+    assert report.total == 2 and report.shots_dropped >= 3 and report.truncated == 1
+    with pytest.raises(Exception, match="--shots 2 takes examples from the dev split, which has none for s"):
+        score_bench(model, TOK, {"s": [short]}, {}, shots=2, progress=False)
