@@ -31,11 +31,18 @@ the highest log-prob. A letter may be written as its own piece ("A", how it foll
 a reply with our SentencePiece model, which adds no dummy prefix) or with a leading space ("▁A", how it
 follows "Answer:"); both single-token forms count: a letter's score is the log-sum-exp of their
 log-probs, i.e. the probability that the next token is that letter either way. A tokenizer with no
-single-token form of a letter is refused.
+single-token form of a letter is refused. `score="text"` (--bench_score text) scores each choice's
+own text instead: the prompt lists no options, and the choice whose tokens have the highest summed
+log-prob after the cue wins (lm-eval's `acc` on cloze-style tasks).
+
+Batches are right-padded and the last real position of each row gathered: the model is causal, so
+padding after a prompt changes nothing before it. A prompt longer than the model's context loses its
+last examples first, then its oldest tokens (both counted in the report).
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import sys
@@ -98,7 +105,7 @@ def read_csv_bench(path, subject: str) -> list[Question]:
     if not text.strip():
         raise DataError(f"{path}: empty file; expected a header id,question,A,B,C,D,answer (C-Eval) or "
                         f",Question,A,B,C,D,Answer (CMMLU) and one question per row")
-    reader = csv.reader(text.splitlines(keepends=True))
+    reader = csv.reader(io.StringIO(text, newline=""))  # csv's own line handling: quoted newlines stay
     header = [h.strip().lower() for h in next(reader)]
     needed = ["question", "a", "b", "c", "d"]
     missing = [n for n in needed if n not in header]
