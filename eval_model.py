@@ -37,14 +37,15 @@ from pathlib import Path
 import torch
 
 from minillm.checkpoint import load_checkpoint, load_config
-from minillm.config import check_device, weight_path
+from minillm.cli import MODE_FOLDERS, add_minimind_flags, apply_minimind_flags, model_folder
+from minillm.config import check_device
 from minillm.evaluation import demo_heldout_path, eval_loss, heldout_accuracy, read_heldout
 from minillm.errors import UserError
 from minillm.generate import PromptTooLongError, generate, prompt_room
 from minillm.lora import load_lora, read_lora_config
 from minillm.reasoning import evaluate_reasoning
+from minillm.tokenizer import THINK_OFF_PREFILL
 
-MODE_FOLDERS = {0: "pretrain", 1: "full_sft", 2: "dpo", 3: "reason"}
 
 # fixed auto-test prompts, bilingual, about the demo world (tests/test_eval_model.py checks every name
 # still exists in dataset/demo); mode 0 gets raw text to continue, the others questions. The fact
@@ -117,65 +118,6 @@ def build_parser():
     return p
 
 
-def add_minimind_flags(p):
-    """MiniMind's eval_llm.py / eval_model.py flags, so its commands run here (mapped onto ours)."""
-    g = p.add_argument_group("MiniMind's flags", "accepted so MiniMind's eval commands run; each maps onto a flag above")
-    g.add_argument("--weight", default=None, metavar="NAME",
-                   help="checkpoint folder <save_dir>/NAME (pretrain, full_sft, dpo, reason, ...), else MiniMind's "
-                        "<save_dir>/NAME_<hidden_size>[_moe].pth; a name holding 'pretrain' continues raw text, as "
-                        "--model_mode 0")
-    g.add_argument("--load_from", default=None, metavar="DIR",
-                   help="load this checkpoint folder (= --checkpoint DIR); MiniMind's 'model' means its own "
-                        ".pth weights and is ignored here (--weight picks the folder)")
-    g.add_argument("--lora_weight", default=None, metavar="NAME", help="= --lora_name NAME (None = no adapter)")
-    g.add_argument("--historys", type=int, default=None, metavar="N", help="= --history_cnt N")
-    g.add_argument("--out_dir", default=None, metavar="DIR", help="(MiniMind2) = --save_dir DIR")
-    g.add_argument("--open_thinking", type=int, choices=(0, 1), default=None,
-                   help="1: let a reasoning model think, 0: prefill an empty think block (the chat's /think on|off "
-                        "as it starts; default on)")
-    g.add_argument("--inference_rope_scaling", nargs="?", const=True, default=None, metavar="",
-                   help="refused: YaRN RoPE scaling is not implemented yet")
-    for name, kind in (("hidden_size", int), ("num_hidden_layers", int), ("use_moe", int)):
-        g.add_argument(f"--{name}", type=kind, default=None, metavar="N",
-                       help="ignored: the checkpoint's config fixes the model's shape (with --weight they pick "
-                        "among MiniMind's NAME_<hidden_size>[_moe].pth files)")
-
-
-MINIMIND_ALIASES = {"lora_weight": "lora_name", "historys": "history_cnt", "out_dir": "save_dir"}
-
-
-def apply_minimind_flags(args, argv=None) -> None:
-    """Maps MiniMind's flags onto ours (UserError for a contradiction or what is not implemented)."""
-    if args.inference_rope_scaling:
-        raise UserError("--inference_rope_scaling: YaRN is not implemented yet; drop the flag (prompts and "
-                        "replies then stay within the model's max_position_embeddings)")
-    given = set()
-    for a in argv if argv is not None else sys.argv[1:]:
-        if a.startswith("--"):
-            given.add(a[2:].split("=", 1)[0])
-    for theirs, ours in MINIMIND_ALIASES.items():
-        value = getattr(args, theirs)
-        if value is None:
-            continue
-        if ours in given and str(getattr(args, ours)) != str(value):
-            raise UserError(f"--{theirs} {value} and --{ours} {getattr(args, ours)} disagree: give one")
-        setattr(args, ours, "" if theirs == "lora_weight" and value in ("None", "none") else value)
-    if args.load_from not in (None, "model"):
-        if args.checkpoint or args.weight:
-            raise UserError(f"--load_from {args.load_from} and --{'checkpoint' if args.checkpoint else 'weight'} "
-                            f"both name the model: give one")
-        args.checkpoint = args.load_from
-    if args.weight is not None:
-        if args.checkpoint:
-            raise UserError(f"--weight {args.weight} and --checkpoint {args.checkpoint} both name the model: give one")
-        if "model_mode" in given:
-            raise UserError(f"--weight {args.weight} and --model_mode {args.model_mode} both pick the checkpoint "
-                            f"folder: give one")
-        args.checkpoint = str(weight_path(args.save_dir, args.weight, "--weight", args.hidden_size, args.use_moe))
-        modes = {folder: mode for mode, folder in MODE_FOLDERS.items()}
-        args.model_mode = modes.get(args.weight, 0 if "pretrain" in args.weight else 1)
-
-
 def shape_flag_notes(args, config) -> list[str]:
     """One note per MiniMind shape flag given: the checkpoint decides the shape."""
     notes = []
@@ -205,7 +147,7 @@ def check_args(args):
 
 
 def load_model(args):
-    folder = Path(args.checkpoint) if args.checkpoint else Path(args.save_dir) / MODE_FOLDERS[args.model_mode]
+    folder = model_folder(args)
     device = check_device(args.device)  # a UserError when this machine has no such device
     model, tok = load_checkpoint(folder, device=device)
     lora = args.lora_name if args.lora_name not in ("", "None", "none") else ""
@@ -246,10 +188,6 @@ def reply(model, tok, prompt_ids, args) -> str:
     return text
 
 
-# what `/think off` (or --open_thinking 0) puts after the assistant header: an empty think block, so a
-# reasoning model answers directly, exactly as MiniMind-3's template writes it without open_thinking
-# (model/tokenizer_config.json), the form reasoning_content renders to (Tokenizer.render_chat)
-THINK_OFF_PREFILL = "<think>\n\n</think>\n\n"
 
 
 def build_prompt(tok, config, history: list, user_text: str, args, chat: bool, system: str = "",

@@ -14,9 +14,9 @@ import argparse
 import copy
 from pathlib import Path
 
+from minillm.cli import MODE_FOLDERS, add_minimind_flags, apply_minimind_flags, model_folder
 from minillm.errors import UserError
 
-MODE_FOLDERS = {0: "pretrain", 1: "full_sft", 2: "dpo", 3: "reason"}
 
 
 def build_parser():
@@ -30,13 +30,15 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
     p.add_argument("--port", type=int, default=8998, help="port (default 8998, MiniMind's)")
     p.add_argument("--device", default="", help="cpu | cuda | cuda:N ('' = cuda if available)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for requests that give none, so the same requests in the same order get the same "
+                        "sampled replies (default: fresh randomness)")
     p.add_argument("--max_batch", type=int, default=32, help="most sequences decoded together per model (default 32)")
     p.add_argument("--max_tokens", type=int, default=512,
                    help="reply length when a request gives no max_tokens (default 512; capped by the context)")
     p.add_argument("--history_cnt", type=int, default=0, help=argparse.SUPPRESS)  # target of MiniMind's --historys
     p.add_argument("--max_seq_len", type=int, default=None, metavar="N",
                    help="(MiniMind) ignored: the checkpoint's max_position_embeddings is the context")
-    from eval_model import add_minimind_flags
     add_minimind_flags(p)
     return p
 
@@ -48,7 +50,7 @@ def load_models(args) -> tuple[dict, object]:
     from minillm.config import check_device
     from minillm.lora import load_lora
     from minillm.serve import model_ids
-    folder = Path(args.checkpoint) if args.checkpoint else Path(args.save_dir) / MODE_FOLDERS[args.model_mode]
+    folder = model_folder(args)
     device = check_device(args.device)
     model, tok = load_checkpoint(folder, device=device)
     loras = [n.strip() for n in args.lora_name.split(",") if n.strip() not in ("", "None", "none")]
@@ -64,7 +66,6 @@ def load_models(args) -> tuple[dict, object]:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from eval_model import apply_minimind_flags
     apply_minimind_flags(args, argv)
     for name, fine in (("port", 0 <= args.port < 65536), ("max_batch", args.max_batch >= 1),
                        ("max_tokens", args.max_tokens >= 1)):
@@ -78,7 +79,7 @@ def main(argv=None):
     models, tok = load_models(args)
     thinking = None if args.open_thinking is None else bool(args.open_thinking)
     app = create_app(models, tok, max_batch=args.max_batch, default_max_tokens=args.max_tokens,
-                     default_thinking=thinking)
+                     default_thinking=thinking, seed=args.seed)
     print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1 (chat page: http://{args.host}:"
           f"{args.port}/)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

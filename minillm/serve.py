@@ -29,8 +29,8 @@ import torch
 
 from minillm.generate import SamplingParams, sample_next
 from minillm.model import KVCache, eval_mode
+from minillm.tokenizer import THINK_OFF_PREFILL
 
-THINK_OFF_PREFILL = "<think>\n\n</think>\n\n"  # as eval_model's /think off (MiniMind-3's template)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_N = 16
 
@@ -487,8 +487,12 @@ def parse_request(body, tokenizer, config, model_ids: dict, default_max_tokens: 
 
 # ---- the app ------------------------------------------------------------------------------------
 def create_app(models: dict, tokenizer, max_batch: int = 32, default_max_tokens: int = 512,
-               default_thinking: bool | None = None):
-    """models: {model id: MiniLLM} (the first is the default). The engine starts with the app."""
+               default_thinking: bool | None = None, seed: int | None = None):
+    """models: {model id: MiniLLM} (the first is the default). The engine starts with the app.
+    `seed`: requests without their own `seed` draw one from a generator seeded with it, so a server
+    started with --seed answers the same sequence of requests the same way (None: fresh randomness)."""
+    import random
+    seed_source = random.Random(seed) if seed is not None else None
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from contextlib import asynccontextmanager
@@ -560,8 +564,12 @@ def create_app(models: dict, tokenizer, max_batch: int = 32, default_max_tokens:
         for i, params in enumerate(req.params):
             gen = None
             if params.temperature > 0:
-                gen = torch.Generator().manual_seed(req.seed + i if req.seed is not None
-                                                    else int.from_bytes(uuid.uuid4().bytes[:6], "big"))
+                if req.seed is not None:
+                    row_seed = req.seed + i
+                else:
+                    row_seed = (seed_source.getrandbits(48) if seed_source is not None
+                                else int.from_bytes(uuid.uuid4().bytes[:6], "big"))
+                gen = torch.Generator().manual_seed(row_seed)
 
             def emit(item, i=i):
                 try:

@@ -36,6 +36,11 @@ def render_reasoning(reasoning, answer):
     return f"<think>\n{reasoning}\n</think>\n\n{answer}"
 
 
+# thinking switched off (eval_model's /think off, the server's open_thinking false): an empty think block
+# after the assistant header, so a reasoning model answers directly, as MiniMind-3's template writes it
+THINK_OFF_PREFILL = render_reasoning("", "")  # "<think>\n\n</think>\n\n"
+
+
 class Tokenizer:
     def __init__(self, model_proto: bytes):
         self._proto = bytes(model_proto)

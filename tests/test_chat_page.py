@@ -69,7 +69,8 @@ def server(tmp_path_factory):
 
     port = free_port()
     cmd = [sys.executable, str(ROOT / "serve_openai_api.py"), "--load_from", str(out / "full_sft"),
-           "--save_dir", str(out), "--lora_name", "lora_medical", "--device", "cpu", "--port", str(port)]
+           "--save_dir", str(out), "--lora_name", "lora_medical", "--device", "cpu", "--port", str(port),
+           "--seed", "0"]  # sampled replies, but the same ones every run (a random model may stop early)
     log = open(out / "server.log", "w")
     SERVER_LOG[:] = [out / "server.log"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

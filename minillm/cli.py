@@ -1,0 +1,75 @@
+"""Command-line pieces the user-facing scripts share (eval_model.py, serve_openai_api.py): which
+checkpoint folder a run means, and MiniMind's eval/serve flags mapped onto ours, so its commands run."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from minillm.config import weight_path
+from minillm.errors import UserError
+
+MODE_FOLDERS = {0: "pretrain", 1: "full_sft", 2: "dpo", 3: "reason"}
+
+
+def model_folder(args) -> Path:
+    """--checkpoint DIR, else the --model_mode stage's folder under --save_dir."""
+    return Path(args.checkpoint) if args.checkpoint else Path(args.save_dir) / MODE_FOLDERS[args.model_mode]
+
+
+def add_minimind_flags(p):
+    """MiniMind's eval_llm.py / eval_model.py flags, so its commands run here (mapped onto ours)."""
+    g = p.add_argument_group("MiniMind's flags", "accepted so MiniMind's eval commands run; each maps onto a flag above")
+    g.add_argument("--weight", default=None, metavar="NAME",
+                   help="checkpoint folder <save_dir>/NAME (pretrain, full_sft, dpo, reason, ...), else MiniMind's "
+                        "<save_dir>/NAME_<hidden_size>[_moe].pth; a name holding 'pretrain' continues raw text, as "
+                        "--model_mode 0")
+    g.add_argument("--load_from", default=None, metavar="DIR",
+                   help="load this checkpoint folder (= --checkpoint DIR); MiniMind's 'model' means its own "
+                        ".pth weights and is ignored here (--weight picks the folder)")
+    g.add_argument("--lora_weight", default=None, metavar="NAME", help="= --lora_name NAME (None = no adapter)")
+    g.add_argument("--historys", type=int, default=None, metavar="N", help="= --history_cnt N")
+    g.add_argument("--out_dir", default=None, metavar="DIR", help="(MiniMind2) = --save_dir DIR")
+    g.add_argument("--open_thinking", type=int, choices=(0, 1), default=None,
+                   help="1: let a reasoning model think, 0: prefill an empty think block (the chat's /think on|off "
+                        "as it starts; default on)")
+    g.add_argument("--inference_rope_scaling", nargs="?", const=True, default=None, metavar="",
+                   help="refused: YaRN RoPE scaling is not implemented yet")
+    for name, kind in (("hidden_size", int), ("num_hidden_layers", int), ("use_moe", int)):
+        g.add_argument(f"--{name}", type=kind, default=None, metavar="N",
+                       help="ignored: the checkpoint's config fixes the model's shape (with --weight they pick "
+                        "among MiniMind's NAME_<hidden_size>[_moe].pth files)")
+
+
+MINIMIND_ALIASES = {"lora_weight": "lora_name", "historys": "history_cnt", "out_dir": "save_dir"}
+
+
+def apply_minimind_flags(args, argv=None) -> None:
+    """Maps MiniMind's flags onto ours (UserError for a contradiction or what is not implemented)."""
+    if args.inference_rope_scaling:
+        raise UserError("--inference_rope_scaling: YaRN is not implemented yet; drop the flag (prompts and "
+                        "replies then stay within the model's max_position_embeddings)")
+    given = set()
+    for a in argv if argv is not None else sys.argv[1:]:
+        if a.startswith("--"):
+            given.add(a[2:].split("=", 1)[0])
+    for theirs, ours in MINIMIND_ALIASES.items():
+        value = getattr(args, theirs)
+        if value is None:
+            continue
+        if ours in given and str(getattr(args, ours)) != str(value):
+            raise UserError(f"--{theirs} {value} and --{ours} {getattr(args, ours)} disagree: give one")
+        setattr(args, ours, "" if theirs == "lora_weight" and value in ("None", "none") else value)
+    if args.load_from not in (None, "model"):
+        if args.checkpoint or args.weight:
+            raise UserError(f"--load_from {args.load_from} and --{'checkpoint' if args.checkpoint else 'weight'} "
+                            f"both name the model: give one")
+        args.checkpoint = args.load_from
+    if args.weight is not None:
+        if args.checkpoint:
+            raise UserError(f"--weight {args.weight} and --checkpoint {args.checkpoint} both name the model: give one")
+        if "model_mode" in given:
+            raise UserError(f"--weight {args.weight} and --model_mode {args.model_mode} both pick the checkpoint "
+                            f"folder: give one")
+        args.checkpoint = str(weight_path(args.save_dir, args.weight, "--weight", args.hidden_size, args.use_moe))
+        modes = {folder: mode for mode, folder in MODE_FOLDERS.items()}
+        args.model_mode = modes.get(args.weight, 0 if "pretrain" in args.weight else 1)
