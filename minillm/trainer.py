@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from minillm import runs
 from minillm.checkpoint import STATE, WEIGHTS, load_trainer_state, resolve_checkpoint, save_checkpoint
-from minillm.config import ModelConfig, TrainConfig
+from minillm.config import COMPILE_MODES, ModelConfig, TrainConfig
 from minillm.errors import Interrupted, TrainingDiverged, UserError
 
 H100_BF16_FLOPS = 790e12  # the dense bf16 rate ANCHORS.md measures MFU against
@@ -56,9 +56,6 @@ def training_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cpu" and (dtype is torch.float16 or (dtype is torch.bfloat16 and not cpu_has_bf16())):
         return None
     return dtype
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_mode(name: str) -> str:
@@ -137,6 +134,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def total_grad_norm(params) -> torch.Tensor:
+    """The global L2 norm of the gradients, as clip_grad_norm_ computes it, without rescaling them."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 def build_optimizer(params, cfg: TrainConfig, device: torch.device):
     """AdamW; no weight decay on norms, biases and other 1-d tensors. The fused kernel (CUDA and CPU):
     fast, and it skips a step flagged through `optimizer.found_inf` on the device, without a host
@@ -211,7 +214,7 @@ class Trainer:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
             wrapped = DDP(self.model, device_ids=[self.device.index] if cuda else None)
-        mode = compile_mode(cfg.compile_mode)
+        mode = cfg.compile_mode  # checked when the TrainConfig was built
         compile_on = cfg.use_compile == 1 or (cfg.use_compile == -1 and cuda)
         self.step_model = torch.compile(wrapped, mode=mode) if compile_on else wrapped
         self.ddp_model = wrapped
@@ -464,11 +467,11 @@ class Trainer:
         process, loss is not finite, so the fused AdamW skips it; count runs of such steps."""
         bad = ~torch.isfinite(grad_norm)
         if not self.dist.enabled:
-            bad = bad | ~torch.isfinite(step_loss)
-        self.bad_run = torch.where(bad, self.bad_run + 1, torch.zeros_like(self.bad_run))
-        self.bad_run_max = torch.maximum(self.bad_run_max, self.bad_run)
-        self.bad_total += bad.long()
-        self.last_bad_step = torch.where(bad, torch.full_like(self.last_bad_step, self.step + 1), self.last_bad_step)
+            bad |= ~torch.isfinite(step_loss)
+        self.bad_run.add_(1).mul_(bad)  # +1 on a bad step, back to 0 on a good one
+        torch.maximum(self.bad_run_max, self.bad_run, out=self.bad_run_max)
+        self.bad_total.add_(bad)
+        self.last_bad_step.masked_fill_(bad, self.step + 1)
         return bad
 
     def check_health(self):
@@ -559,6 +562,8 @@ class Trainer:
         zero = torch.zeros((), dtype=torch.long, device=self.device)
         self.bad_run, self.bad_run_max, self.bad_total = zero.clone(), zero.clone(), zero.clone()
         self.last_bad_step, self.bad_reported = zero.clone(), 0
+        found_inf = torch.zeros((), device=self.device)  # the fused AdamW's skip flag, refilled each step
+        step_loss = torch.zeros((), device=self.device)
 
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
@@ -568,7 +573,7 @@ class Trainer:
         stopped_by = 0
         for micro_batches in self.step_batches() if self.step < self.total_steps else ():
             totals = self.totals(micro_batches)
-            step_loss = torch.zeros((), device=self.device)
+            step_loss.zero_()
             for i, batch in enumerate(micro_batches):
                 # gradients are all-reduced only on the last micro-batch of the step
                 last = i == len(micro_batches) - 1
@@ -587,10 +592,11 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0
+                         else total_grad_norm(self.params))  # the guard needs the norm even without clipping
             bad = self._flag_nonfinite(grad_norm, step_loss)
             if not self.scaler.is_enabled():  # (fp16's GradScaler flags inf/NaN steps itself)
-                self.optimizer.found_inf = bad.float()
+                self.optimizer.found_inf = found_inf.copy_(bad)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
