@@ -95,16 +95,27 @@ def generate_ids(model: MiniLLM, prompts: Sequence[Sequence[int]], params: Sampl
 
 
 @torch.inference_mode()
-def _decode(model, prompts, params, pad_id, generator):
+def prefill(model, prompts, pad_id: int, room: int = 0):
+    """Left-pad `prompts` into one batch and run it into a fresh KV cache that has `room` free positions
+    after the longest prompt; -> (last-position logits [B, V] in fp32, the cache). Padding is masked out
+    and positions count real tokens only, so every row gets what it would get alone."""
     device = next(model.parameters()).device
     B, longest = len(prompts), max(len(p) for p in prompts)
-    max_len = longest + params.max_new_tokens
-    cache = KVCache(model.config, B, max_len, device, model.lm_head.weight.dtype)
+    cache = KVCache(model.config, B, longest + room, device, model.lm_head.weight.dtype)
     ids = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
     for row, p in enumerate(prompts):
         ids[row, longest - len(p):] = torch.tensor(list(p), dtype=torch.long)
         cache.attention_mask[row, :longest - len(p)] = False
     cache.has_padding = any(len(p) != longest for p in prompts)
+    with eval_mode(model):
+        return model(ids, cache=cache)[:, -1].float(), cache
+
+
+@torch.inference_mode()
+def _decode(model, prompts, params, pad_id, generator):
+    device = next(model.parameters()).device
+    B = len(prompts)
+    logits, cache = prefill(model, prompts, pad_id, room=params.max_new_tokens)
 
     seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
     for row, p in enumerate(prompts):
@@ -112,7 +123,6 @@ def _decode(model, prompts, params, pad_id, generator):
     stop = torch.tensor(sorted(set(params.stop_ids)) or [-1], device=device)
     done = [False] * B
     with eval_mode(model):
-        logits = model(ids, cache=cache)[:, -1].float()
         for _ in range(params.max_new_tokens):
             logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
             nxt = sample_next(logits, params, generator)

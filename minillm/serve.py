@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from minillm.generate import SamplingParams, sample_next
+from minillm.generate import SamplingParams, prefill, sample_next
 from minillm.model import KVCache, eval_mode
 from minillm.tokenizer import THINK_OFF_PREFILL
 
@@ -172,17 +172,8 @@ class Engine:
     def _admit(self, name: str, batch: _Batch, group: list[Seq]):
         """Prefill `group` together (left-padded), sample each row's first token, merge the rows that
         go on into the running batch."""
-        model = self.models[name]
-        device = next(model.parameters()).device
-        B, longest = len(group), max(len(s.prompt) for s in group)
-        cache = KVCache(model.config, B, longest, device, model.lm_head.weight.dtype)
-        ids = torch.full((B, longest), self.pad_id, dtype=torch.long, device=device)
-        for row, s in enumerate(group):
-            ids[row, longest - len(s.prompt):] = torch.tensor(s.prompt, dtype=torch.long)
-            cache.attention_mask[row, :longest - len(s.prompt)] = False
-        cache.has_padding = any(len(s.prompt) != longest for s in group)
-        with eval_mode(model):
-            logits = model(ids, cache=cache)[:, -1].float()
+        B = len(group)
+        logits, cache = prefill(self.models[name], [s.prompt for s in group], self.pad_id)
         keep = self._sample(group, logits)
         if not keep:
             return
