@@ -54,6 +54,7 @@ import torch
 from minillm.data import DataError, read_jsonl
 from minillm.errors import NotFound, UserError
 from minillm.model import eval_mode
+from minillm.preference import sequence_logprobs
 
 LETTERS = "ABCDEFGHIJ"
 SPLITS = ("dev", "val", "test")
@@ -291,15 +292,19 @@ def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
 
 
 @torch.no_grad()
+def _right_padded(seqs: list[list[int]], pad_id: int, fill=None) -> torch.Tensor:
+    out = torch.full((len(seqs), max(map(len, seqs))), pad_id if fill is None else fill, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        out[row, : len(seq)] = torch.tensor(seq)
+    return out
+
+
 def next_token_logprobs(model, batch: list[list[int]], pad_id: int) -> torch.Tensor:
     """[B, V] log-softmax at each prompt's last position. Rows are right-padded: the model is causal,
     so padding after the last real token changes nothing before it, and that position is gathered."""
     device = next(model.parameters()).device
     lengths = torch.tensor([len(ids) for ids in batch], device=device)
-    ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
-    for row, seq in enumerate(batch):
-        ids[row, : len(seq)] = torch.tensor(seq)
-    ids = ids.to(device)
+    ids = _right_padded(batch, pad_id).to(device)
     rows = torch.arange(len(batch), device=device)
     if hasattr(model, "forward_hidden"):  # the head only at the gathered positions
         hidden, _ = model.forward_hidden(ids)
@@ -360,18 +365,14 @@ def choice_ids(tokenizer, q: Question, chat: bool) -> list[list[int]]:
 
 @torch.no_grad()
 def continuation_logprobs(model, contexts: list[list[int]], continuations: list[list[int]], pad_id: int) -> list[float]:
-    """Summed log p(continuation | context) per pair, one right-padded forward pass."""
+    """Summed log p(continuation | context) per pair, one right-padded forward pass: the sequence
+    log-probs DPO uses, with labels on the continuation's tokens only."""
     device = next(model.parameters()).device
     seqs = [c + t for c, t in zip(contexts, continuations)]
-    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq)
-    logprobs = model(ids.to(device)).float().log_softmax(-1)
-    out = []
-    for row, (c, t) in enumerate(zip(contexts, continuations)):
-        pos = torch.arange(len(c) - 1, len(c) + len(t) - 1, device=device)
-        out.append(float(logprobs[row, pos, torch.tensor(t, device=device)].sum()))
-    return out
+    ids = _right_padded(seqs, pad_id)
+    labels = _right_padded([[-100] * (len(c) - 1) + t for c, t in zip(contexts, continuations)], pad_id, fill=-100)
+    labels = torch.nn.functional.pad(labels, (0, ids.shape[1] - labels.shape[1]), value=-100)
+    return sequence_logprobs(model(ids.to(device)), labels.to(device))[0].tolist()
 
 
 def score_bench(model, tokenizer, questions: dict[str, list[Question]], dev: dict[str, list[Question]] | None = None,
