@@ -36,9 +36,8 @@ from pathlib import Path
 
 import torch
 
-from minillm.checkpoint import load_checkpoint, load_config
-from minillm.cli import MODE_FOLDERS, add_minimind_flags, apply_minimind_flags, model_folder
-from minillm.config import check_device
+from minillm.checkpoint import load_config
+from minillm.cli import MODE_FOLDERS, add_minimind_flags, apply_minimind_flags, load_for_inference
 from minillm.evaluation import demo_heldout_path, eval_loss, heldout_accuracy, read_heldout
 from minillm.errors import UserError
 from minillm.generate import PromptTooLongError, generate, prompt_room
@@ -147,15 +146,10 @@ def check_args(args):
 
 
 def load_model(args):
-    folder = model_folder(args)
-    device = check_device(args.device)  # a UserError when this machine has no such device
-    model, tok = load_checkpoint(folder, device=device)
+    model, tok, folder = load_for_inference(args)
     lora = args.lora_name if args.lora_name not in ("", "None", "none") else ""
     if lora:
         load_lora(model, Path(args.save_dir) / lora)
-    model.eval()
-    if device.startswith("cuda"):
-        model.to(torch.bfloat16)
     return model, tok, folder, lora
 
 

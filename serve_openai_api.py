@@ -14,7 +14,7 @@ import argparse
 import copy
 from pathlib import Path
 
-from minillm.cli import MODE_FOLDERS, add_minimind_flags, apply_minimind_flags, model_folder
+from minillm.cli import MODE_FOLDERS, add_minimind_flags, apply_minimind_flags, load_for_inference
 from minillm.errors import UserError
 
 
@@ -44,23 +44,12 @@ def build_parser():
 
 
 def load_models(args) -> tuple[dict, object]:
-    """{model id: model} (base first, then one per LoRA) and the tokenizer."""
-    import torch
-    from minillm.checkpoint import load_checkpoint
-    from minillm.config import check_device
+    """{model id: model} (base first, then one per LoRA, each on its own copy of the base) and the tokenizer."""
     from minillm.lora import load_lora
     from minillm.serve import model_ids
-    folder = model_folder(args)
-    device = check_device(args.device)
-    model, tok = load_checkpoint(folder, device=device)
+    model, tok, folder = load_for_inference(args)
     loras = [n.strip() for n in args.lora_name.split(",") if n.strip() not in ("", "None", "none")]
-    models = [model]
-    for name in loras:
-        models.append(load_lora(copy.deepcopy(model), Path(args.save_dir) / name))
-    for m in models:
-        m.eval()
-        if device.startswith("cuda"):
-            m.to(torch.bfloat16)
+    models = [model] + [load_lora(copy.deepcopy(model), Path(args.save_dir) / name) for name in loras]
     return dict(zip(model_ids(folder, loras), models)), tok
 
 

@@ -16,6 +16,21 @@ def model_folder(args) -> Path:
     return Path(args.checkpoint) if args.checkpoint else Path(args.save_dir) / MODE_FOLDERS[args.model_mode]
 
 
+def load_for_inference(args):
+    """The checkpoint the flags name, on --device, in eval mode, bf16 on CUDA: -> (model, tokenizer, folder)."""
+    import torch
+
+    from minillm.checkpoint import load_checkpoint
+    from minillm.config import check_device
+    folder = model_folder(args)
+    device = check_device(args.device)  # a UserError when this machine has no such device
+    model, tok = load_checkpoint(folder, device=device)
+    model.eval()
+    if device.startswith("cuda"):
+        model.to(torch.bfloat16)
+    return model, tok, folder
+
+
 def add_minimind_flags(p):
     """MiniMind's eval_llm.py / eval_model.py flags, so its commands run here (mapped onto ours)."""
     g = p.add_argument_group("MiniMind's flags", "accepted so MiniMind's eval commands run; each maps onto a flag above")
