@@ -245,9 +245,9 @@ class Trainer:
                 "rng": rngs, "world_size": self.dist.world_size, "total_steps": self.total_steps}
 
     def save(self):
+        self.check_finite_weights()  # on every rank (DDP keeps them equal), so all stop together
         state = self.state()  # a collective under DDP: every rank takes part
         if self.dist.is_main:
-            self.check_finite_weights()
             stage_doc = {"stage": self.stage.stage_args} if self.stage.stage_args else {}
             if self.save_adapter:
                 from minillm.lora import save_lora
