@@ -24,6 +24,7 @@ import yaml
 from safetensors.torch import save_file
 
 from minillm.checkpoint import atomic_folder, read_safetensors, resolve_checkpoint
+from minillm.config import load_yaml
 from minillm.errors import NotFound, UserError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -211,11 +212,8 @@ def read_lora_config(folder) -> dict:
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
         raise NotFound(f"{path} does not exist: the adapter folder {folder} is incomplete; train it again")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid yaml: {' '.join(str(e).split())}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("lora"), dict):
+    doc = load_yaml(path)
+    if not isinstance(doc.get("lora"), dict):
         raise UserError(f"{path} has no 'lora' section; it was not written by save_lora")
     return doc
 
