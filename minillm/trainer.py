@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -167,6 +167,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 # -- the loop ---------------------------------------------------------------------------------
 LossFn = Callable[[torch.nn.Module, dict, dict], "tuple[torch.Tensor, dict]"]
+Rollout = Callable[[torch.nn.Module, list], Iterable]
 
 
 class Trainer:
@@ -527,20 +528,58 @@ class Trainer:
         return int(flag.item())
 
     # -- the loop -------------------------------------------------------------------------------
-    def fit(self, loss_fn: LossFn, eval_set=None) -> list[float]:
+    def _update(self, loss_fn: LossFn, micro_batches: list[dict], totals: dict, step_loss, step_metrics: dict,
+                found_inf) -> torch.Tensor:
+        """One optimizer update over `micro_batches` (gradients accumulated, all-reduced on the last):
+        adds their loss shares to `step_loss` and metric shares to `step_metrics`; -> the grad norm."""
+        cfg, world = self.cfg, self.dist.world_size
+        update_loss = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            # gradients are all-reduced only on the last micro-batch of the update
+            last = i == len(micro_batches) - 1
+            sync = self.ddp_model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
+            with sync:
+                with self.autocast:
+                    loss, metrics = loss_fn(self.step_model, batch, totals)
+                # DDP averages gradients over ranks; the shares already sum over ranks, so scale them back up
+                self.scaler.scale(loss * world if world > 1 else loss).backward()
+            update_loss += loss.detach().float()
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0) + v.detach().float()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0
+                     else total_grad_norm(self.params))  # the guard needs the norm even without clipping
+        bad = self._flag_nonfinite(grad_norm, update_loss)
+        if not self.scaler.is_enabled():  # (fp16's GradScaler flags inf/NaN steps itself)
+            self.optimizer.found_inf = found_inf.copy_(bad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss += update_loss
+        return grad_norm
+
+    def fit(self, loss_fn: LossFn, eval_set=None, rollout: Rollout | None = None) -> list[float]:
         """Train to the end (resuming first with --from_resume 1), evaluating `eval_set` with the same
-        loss_fn every --eval_interval steps and at the end; returns the logged training losses."""
+        loss_fn every --eval_interval steps and at the end; returns the logged training losses.
+
+        `rollout(model, micro_batches) -> iterable of updates` (RL stages) turns each step's batches
+        of prompts into experience before any loss is taken: it is called with the plain model (no
+        DDP wrapper, train mode: it switches to eval itself to sample) and yields one or more lists of
+        experience micro-batches, each list one optimizer update (PPO: epochs x mini-batches; GRPO:
+        one). Every rank must yield the same number of updates. A step is one call, so the schedule,
+        logging, checkpoints and resume count rollouts; the logged loss and metrics are means over a
+        step's updates."""
         self.claim_run_dir()
         try:
             with self._interrupts():
-                return self._fit(loss_fn, eval_set)
+                return self._fit(loss_fn, eval_set, rollout)
         finally:
             if self.writer is not None:
                 self.writer.close()
             if getattr(self, "lock", None) is not None:
                 self.lock.release()
 
-    def _fit(self, loss_fn: LossFn, eval_set=None) -> list[float]:
+    def _fit(self, loss_fn: LossFn, eval_set=None, rollout=None) -> list[float]:
         cfg = self.cfg
         self.ctrl_group = None
         if self.dist.enabled:  # the interrupt flag travels on CPU, never through the GPU's stream
@@ -557,7 +596,6 @@ class Trainer:
         model_cfg = getattr(self.model, "config", None)
         flops_tok = flops_per_token(model_cfg, cfg.max_seq_len) if model_cfg is not None else 0.0
         eval_every = cfg.eval_interval if cfg.eval_interval > 0 else cfg.save_interval
-        # DDP averages gradients over ranks; the shares already sum over ranks, so scale them back up
         world = self.dist.world_size
         zero = torch.zeros((), dtype=torch.long, device=self.device)
         self.bad_run, self.bad_run_max, self.bad_total = zero.clone(), zero.clone(), zero.clone()
@@ -572,34 +610,27 @@ class Trainer:
         step_at_start = self.step
         stopped_by = 0
         for micro_batches in self.step_batches() if self.step < self.total_steps else ():
-            totals = self.totals(micro_batches)
-            step_loss.zero_()
-            for i, batch in enumerate(micro_batches):
-                # gradients are all-reduced only on the last micro-batch of the step
-                last = i == len(micro_batches) - 1
-                sync = self.ddp_model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
-                with sync:
-                    with self.autocast:
-                        loss, metrics = loss_fn(self.step_model, batch, totals)
-                    self.scaler.scale(loss * world if world > 1 else loss).backward()
-                step_loss += loss.detach().float()
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
-                tokens_since_log += batch["n_tokens"] * world  # real tokens, a host int from the collate
-            loss_sum += step_loss
-
             lr = lr_at(self.step, self.total_steps, cfg.learning_rate, self.warmup, cfg.min_lr_ratio)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0
-                         else total_grad_norm(self.params))  # the guard needs the norm even without clipping
-            bad = self._flag_nonfinite(grad_norm, step_loss)
-            if not self.scaler.is_enabled():  # (fp16's GradScaler flags inf/NaN steps itself)
-                self.optimizer.found_inf = found_inf.copy_(bad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
+            # RL: the step's prompts become experience (rollouts, rewards), which may feed several
+            # optimizer updates (PPO epochs x mini-batches); otherwise the batches are one update
+            updates = [micro_batches] if rollout is None else rollout(self.model, micro_batches)
+            step_loss.zero_()
+            step_metrics: dict[str, torch.Tensor] = {}
+            n_updates = 0
+            for update in updates:
+                n_updates += 1
+                totals = self.totals(update)
+                grad_norm = self._update(loss_fn, update, totals, step_loss, step_metrics, found_inf)
+                tokens_since_log += sum(batch["n_tokens"] for batch in update) * world
+            if n_updates == 0:
+                raise RuntimeError("the rollout function gave no update for this step")
+            if n_updates > 1:  # a step's loss and metrics are means over its updates
+                step_loss /= n_updates
+            for k, v in step_metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0) + (v / n_updates if n_updates > 1 else v)
+            loss_sum += step_loss
             self.step += 1
             steps_since_log += 1
 
