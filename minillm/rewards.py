@@ -142,7 +142,7 @@ class RewardFunction:
                 values = [-rep_penalty(a) for a in answers]
             else:  # model
                 with torch.no_grad():
-                    score = self.reward_model.score(rollouts.ids, torch.tensor(rollouts.lengths, device=device))
+                    score = self.reward_model.score(rollouts.ids, rollouts.lengths)
                 parts[name] = score.detach().float().to(device)
                 continue
             parts[name] = torch.tensor(values, dtype=torch.float32, device=device)
