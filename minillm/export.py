@@ -245,27 +245,68 @@ def _jinja_literal(text: str) -> str:
 
 
 def chat_template() -> str:
-    """ChatML as Tokenizer.render_chat writes it, in Jinja: `<|im_start|>{role}\\n{content}<|im_end|>\\n`
-    per message, an assistant's reasoning_content wrapped as render_reasoning wraps it, and
-    `<|im_start|>assistant\\n` for add_generation_prompt."""
-    from minillm.tokenizer import render_reasoning
+    """Tokenizer.render_chat in Jinja, character for character: ChatML (`<|im_start|>{role}\\n{content}<|im_end|>\\n`
+    per message), an assistant's reasoning_content wrapped as render_reasoning wraps it, `tools` in the system turn,
+    an assistant's `tool_calls` as <tool_call> blocks, consecutive `tool` messages as one user turn of
+    <tool_response> blocks, and for add_generation_prompt `<|im_start|>assistant\\n` plus thinking_prefill of
+    `open_thinking` (or Qwen3's `enable_thinking`) when one is given."""
+    from minillm.tokenizer import (THINK_OFF_PREFILL, THINK_ON_PREFILL, TOOLS_FOOTER, TOOLS_HEADER, render_reasoning,
+                                   render_tool_calls)
     r_mark, a_mark = "\x00REASONING\x00", "\x00ANSWER\x00"
     wrapped = render_reasoning(r_mark, a_mark)
     if wrapped.count(r_mark) != 1 or wrapped.count(a_mark) != 1 or wrapped.index(r_mark) > wrapped.index(a_mark):
         raise RuntimeError("render_reasoning changed shape: update minillm.export.chat_template")
+    if render_tool_calls([{"name": "N", "arguments": "A"}] * 2, True) != \
+            '\n<tool_call>\n{"name": "N", "arguments": A}\n</tool_call>' * 2:
+        raise RuntimeError("render_tool_calls changed shape: update minillm.export.chat_template")
     before, rest = wrapped.split(r_mark)
     middle, after = rest.split(a_mark)
+    lit = _jinja_literal
     return (
+        "{%- if tools -%}"
+        "{{- '<|im_start|>system\\n' -}}"
+        "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif -%}"
+        f"{{{{- {lit(TOOLS_HEADER)} -}}}}"
+        "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+        f"{{{{- {lit(TOOLS_FOOTER)} + '<|im_end|>\\n' -}}}}"
+        "{%- endif -%}"
         "{%- for message in messages -%}"
+        "{%- set content = message['content'] if message['content'] is string else '' -%}"
+        "{%- if tools and loop.first and message['role'] == 'system' -%}"
+        "{%- elif message['role'] == 'tool' -%}"
+        "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+        "{{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' -}}"
+        "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+        "{%- else -%}"
         "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
         "{%- if message['role'] == 'assistant' and message.reasoning_content is defined "
         "and message.reasoning_content -%}"
-        f"{{{{- {_jinja_literal(before)} + message.reasoning_content + {_jinja_literal(middle)} + "
-        f"message['content'] + {_jinja_literal(after)} -}}}}"
-        "{%- else -%}{{- message['content'] -}}{%- endif -%}"
-        "{{- '<|im_end|>\\n' -}}"
+        f"{{{{- {lit(before)} + message.reasoning_content + {lit(middle)} + content + {lit(after)} -}}}}"
+        "{%- else -%}{{- content -}}{%- endif -%}"
+        "{%- if message['role'] == 'assistant' and message.tool_calls is defined and message.tool_calls -%}"
+        "{%- set reply = content.split('</think>')[-1].lstrip('\\n') -%}"
+        "{%- for tool_call in message.tool_calls -%}"
+        "{%- if not loop.first or reply -%}{{- '\\n' -}}{%- endif -%}"
+        "{%- if tool_call.function is defined and tool_call.function -%}{%- set tool_call = tool_call.function -%}"
+        "{%- endif -%}"
+        "{{- '<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' -}}"
+        "{%- if tool_call.arguments is not defined -%}{{- '{}' -}}"
+        "{%- elif tool_call.arguments is string -%}{{- tool_call.arguments -}}"
+        "{%- else -%}{{- tool_call.arguments | tojson -}}{%- endif -%}"
+        "{{- '}\\n</tool_call>' -}}"
         "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+        "{%- endif -%}"
+        "{{- '<|im_end|>\\n' -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+        "{%- if open_thinking is defined and open_thinking is not none -%}{%- set think = open_thinking -%}"
+        "{%- elif enable_thinking is defined and enable_thinking is not none -%}{%- set think = enable_thinking -%}"
+        "{%- endif -%}"
+        "{%- if think is defined -%}"
+        f"{{{{- {lit(THINK_ON_PREFILL)} if think else {lit(THINK_OFF_PREFILL)} -}}}}"
+        "{%- endif -%}"
+        "{%- endif -%}"
     )
 
 

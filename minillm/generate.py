@@ -151,10 +151,16 @@ def generate_batch(model, prompts, params: SamplingParams, pad_id: int = 0, gene
 
 def generate(model, tokenizer, messages_or_prompt, max_new_tokens: int = 256, temperature: float = 0.85,
              top_p: float = 0.85, top_k: int = 0, repetition_penalty: float = 1.0, chat: bool = True,
-             stream: bool = False, generator=None):
+             stream: bool = False, generator=None, tools=None, open_thinking: bool | None = None):
     """Text in, text out. `messages_or_prompt`: a list of chat messages, or a string (a user
     message when chat=True, raw text to continue when chat=False, as a pretrained model wants),
-    or a list of token ids, used as they are (already rendered; `chat` is then ignored).
+    or a list of token ids, used as they are (already rendered; `chat`, `tools` and `open_thinking`
+    are then ignored).
+
+    Chat only: `tools` (OpenAI-style JSON schemas) are shown to the model in the system turn, and its
+    reply may then hold `<tool_call>` blocks (minillm.tools parses and runs them); `open_thinking`
+    None lets the model decide whether to think, True opens a think block after the assistant
+    header, False prefills an empty one (MiniMind's switch). The prefilled text is not part of the reply.
 
     stream=True returns an iterator of text pieces; otherwise the whole reply as a string.
     The stop token is not part of the returned text. A prompt too long for the model raises
@@ -163,10 +169,13 @@ def generate(model, tokenizer, messages_or_prompt, max_new_tokens: int = 256, te
     if _is_ids(messages_or_prompt):
         prompt = [int(t) for t in messages_or_prompt]
     elif chat:
-        prompt = tokenizer.render_prompt(messages_or_prompt)
+        prompt = (tokenizer.render_prompt(messages_or_prompt, tools=tools, open_thinking=open_thinking)
+                  if tools or open_thinking is not None else tokenizer.render_prompt(messages_or_prompt))
     else:
         if not isinstance(messages_or_prompt, str):
             raise ValueError("chat=False continues raw text: pass a string")
+        if tools or open_thinking is not None:
+            raise ValueError("tools and open_thinking are for chat; chat=False continues raw text")
         prompt = tokenizer.encode(messages_or_prompt)
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, tokenizer.stop_ids)
     steps = generate_ids(model, [prompt], params, tokenizer.pad_id, generator)  # checks the prompt now

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from minillm.config import ModelConfig
 from minillm.model import MiniLLM
+from minillm.tokenizer import render_tools
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -382,32 +383,40 @@ MINIMIND3_ROWS = [  # the shapes of MiniMind-3's sft_t2t data (README_en.md "SFT
 ]
 
 
-def test_minimind3_sft_rows_load_and_tool_rows_are_counted(tok, tmp_path):
+def test_minimind3_sft_rows_load_with_their_tools(tok, tmp_path):
+    """MiniMind-3's tool rows (tools as a JSON string on the system message, tool_calls as a JSON string,
+    tool-role results) load as they are; the loss covers the call and the replies, never the schemas
+    or the tool's result."""
     from minillm.data import SFTDataset
     path = tmp_path / "sft_t2t_mini.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in MINIMIND3_ROWS), encoding="utf-8")
-    ds = SFTDataset(path, tok, max_seq_len=256)  # no --skip_bad_lines: tool rows are no error
-    assert len(ds) == 3 and ds.n_tool_rows == 3 and not ds.bad_lines
-    report = ds.report()
-    assert "3 tool-use rows skipped" in report and "tool use is not supported yet" in report
-    assert f'{path}:3: "conversations"[0] has "tools"' in report  # the first one, where and why
-    # tool rows only: the 'no usable rows' error says why
-    only = tmp_path / "tools.jsonl"
-    only.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in MINIMIND3_ROWS[2:5]), encoding="utf-8")
-    with pytest.raises(ValueError, match="3 tool-use rows skipped"):
-        SFTDataset(only, tok, max_seq_len=256)
+    ds = SFTDataset(path, tok, max_seq_len=512)  # no --skip_bad_lines: every row is good
+    assert len(ds) == len(MINIMIND3_ROWS) and not ds.bad_lines
+    item = ds[2]
+    ids, mask = item["ids"].tolist(), item["loss_mask"].tolist()
+    system = ("<|im_start|>system\n# Tools ...\n\n" + render_tools([{"name": "translate_text"}]) + "<|im_end|>\n")
+    call = '<tool_call>\n{"name": "translate_text", "arguments": {"text": "你好世界"}}\n</tool_call>'
+    assert tok.decode(ids) == (system + "<|im_start|>user\n把'你好世界'翻译成english<|im_end|>\n"
+                               "<|im_start|>assistant\n" + call + "<|im_end|>\n"
+                               '<|im_start|>user\n<tool_response>\n{"translated_text":"Hello World"}\n'
+                               "</tool_response><|im_end|>\n<|im_start|>assistant\nHello World<|im_end|>\n")
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == call + "<|im_end|>Hello World<|im_end|>"
+    # one id each: the two in the system turn's instructions and the call's
+    assert ids.count(tok.special_ids["tool_call_start"]) == 3 and ids.count(tok.special_ids["tool_call_end"]) == 3
 
 
-def test_dpo_pairs_with_tool_use_are_counted(tok, tmp_path):
+def test_minimind3_dpo_pairs_with_tool_calls_load(tok, tmp_path):
     from minillm.data import DPODataset
     q = {"role": "user", "content": "hi"}
     rows = [{"chosen": [q, {"role": "assistant", "content": "good"}], "rejected": [q, {"role": "assistant", "content": "bad"}]},
-            {"chosen": [q, {"role": "assistant", "content": "", "tool_calls": "[{}]"}],
-             "rejected": [q, {"role": "assistant", "content": "bad"}]}]
+            {"chosen": [q, {"role": "assistant", "content": "", "tool_calls": '[{"name": "f", "arguments": {}}]'}],
+             "rejected": [q, {"role": "assistant", "content": "bad"}], "tools": [{"name": "f"}]}]
     path = tmp_path / "dpo.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    ds = DPODataset(path, tok, max_seq_len=64)
-    assert len(ds) == 1 and ds.n_tool_rows == 1 and '"chosen"[1] has "tool_calls"' in ds.report()
+    ds = DPODataset(path, tok, max_seq_len=256)
+    assert len(ds) == 2
+    chosen = ds[1]["chosen_ids"].tolist()
+    assert tok.decode(chosen).startswith("<|im_start|>system\n# Tools") and tok.special_ids["tool_call_start"] in chosen
 
 
 def test_tokenizer_path_takes_minimind_model_folder(tmp_path):

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from minillm.data.jsonl import (FORMATS, TOOL_USE_WHY, BadLineReport, DataError, ToolUseRow, check_exists, collect_bad,
+from minillm.data.jsonl import (FORMATS, BadLineReport, DataError, check_exists, collect_bad, conversation_tools,
                                 map_chunks, no_rows_error, parse_line)
 from minillm.data.pretrain import token_dtype
+from minillm.tokenizer import THINK_OFF_PREFILL
 
 IGNORE_INDEX = -100  # the label of a position that is not trained on (cross-entropy's ignore_index)
 
@@ -30,8 +31,8 @@ def _stable_uniforms(seed: int, lineno: int) -> tuple[float, int]:
     return int.from_bytes(h[:8], "little") / 2.0 ** 64, int.from_bytes(h[8:], "little")
 
 
-def _truncated_row(tokenizer, messages, max_seq_len: int) -> tuple[list[int], list[int]]:
-    ids, mask = tokenizer.render_chat(messages)
+def _truncated_row(tokenizer, messages, max_seq_len: int, tools=None) -> tuple[list[int], list[int]]:
+    ids, mask = tokenizer.render_chat(messages, tools=tools) if tools else tokenizer.render_chat(messages)
     if len(ids) != len(mask):
         raise ValueError(f"render_chat returned {len(ids)} ids but {len(mask)} mask entries")
     # truncate ids and mask together: a row holds max_seq_len inputs plus one shifted target
@@ -84,36 +85,29 @@ class _ChatDataset(Dataset):
         self.path = src
         self.bad_lines = BadLineReport(str(src))
         self.n_no_target = 0  # rows dropped because truncation left no assistant token to learn
-        self.n_tool_rows, self.first_tool_row = 0, None  # rows skipped because they use tools
         dtype = token_dtype(tokenizer.vocab_size)
         rows = {name: _RowStore(dtype) for name in self.stores}
-        for out, bad, n_no_target, tool_rows in map_chunks(src, tokenizer, self._render_chunk, num_workers,
-                                                            f"rendering {src.name}"):
+        for out, bad, n_no_target in map_chunks(src, tokenizer, self._render_chunk, num_workers,
+                                                f"rendering {src.name}"):
             collect_bad(src, bad, skip_bad, self.bad_lines)
             self.n_no_target += n_no_target
-            if tool_rows and self.first_tool_row is None:
-                self.first_tool_row = f"{src}:{tool_rows[0][0]}: {tool_rows[0][1]}"
-            self.n_tool_rows += len(tool_rows)
             for name in self.stores:
                 rows[name].add(*out[name])
         for store in rows.values():
             store.finish()
         self.rows = rows
         if len(self) == 0:
-            raise no_rows_error(src, self.format, self.bad_lines.count + self.n_no_target + self.n_tool_rows,
-                                self.bad_lines, f"; {self.n_no_target} rows had no assistant token within max_seq_len "
-                                f"{self.max_seq_len}" + (f"; {self.tool_rows_text()}" if self.n_tool_rows else ""))
+            raise no_rows_error(src, self.format, self.bad_lines.count + self.n_no_target, self.bad_lines,
+                                f"; {self.n_no_target} rows had no assistant token within max_seq_len "
+                                f"{self.max_seq_len}")
 
     def _render_chunk(self, tokenizer, chunk):
         required, check = FORMATS[self.format]
         out = {name: ([], []) for name in self.stores}
-        bad, n_no_target, tool_rows = [], 0, []
+        bad, n_no_target = [], 0
         for lineno, raw in chunk:
             try:
                 rendered = self._render(tokenizer, parse_line(raw, required, check), lineno)
-            except ToolUseRow as e:  # skipped and counted, not a bad line
-                tool_rows.append((lineno, str(e)))
-                continue
             except ValueError as e:
                 bad.append((lineno, str(e)))
                 continue
@@ -123,7 +117,7 @@ class _ChatDataset(Dataset):
             for name, (ids, mask) in zip(self.stores, rendered):
                 out[name][0].append(ids)
                 out[name][1].append(mask)
-        return out, bad, n_no_target, tool_rows
+        return out, bad, n_no_target
 
     def __getstate__(self):
         # pickled into worker processes: _render_chunk is a bound method, the big arrays are
@@ -138,12 +132,7 @@ class _ChatDataset(Dataset):
     def report(self) -> str:
         """One line for the script to print after loading."""
         return (f"{len(self)} rows from {self.path}; {self.bad_lines}; "
-                f"{self.n_no_target} rows skipped with no assistant token within max_seq_len={self.max_seq_len}"
-                + (f"; {self.tool_rows_text()}" if self.n_tool_rows else ""))
-
-    def tool_rows_text(self) -> str:
-        return (f"{self.n_tool_rows} tool-use rows skipped (tools / tool_calls / role tool: {TOOL_USE_WHY}; "
-                f"first: {self.first_tool_row})")
+                f"{self.n_no_target} rows skipped with no assistant token within max_seq_len={self.max_seq_len}")
 
 
 class SFTDataset(_ChatDataset):
@@ -157,27 +146,40 @@ class SFTDataset(_ChatDataset):
     conversation with one anywhere gets no random one.
     Item i -> {"ids", "loss_mask"}, variable length; `lengths` holds each item's number of input
     positions (len(ids) - 1) for LengthGroupedBatchSampler. Reasoning data is SFT data: the
-    tokenizer renders a `reasoning_content` field as the think block itself.
+    tokenizer renders a `reasoning_content` field as the think block itself. Tool-use rows render
+    with their tools (Tokenizer.render_chat): calls are learned, schemas and tool results are not.
+
+    Adaptive thinking (MiniMind-3's `post_processing_chat`): with `empty_think_ratio` > 0, that share
+    of rows (chosen like the system prompts) has every reply without a think block start with an empty
+    one, so the model learns that after `<think>\n\n</think>\n\n` (open_thinking off) it answers
+    directly, while rows with reasoning teach it to think. MiniMind keeps 0.2 of rows so; data may also
+    write the empty block into a reply's content itself.
     """
     format = "sft"
     stores = ("row",)
 
     def __init__(self, jsonl_path, tokenizer, max_seq_len: int, skip_bad: bool = False,
                  system_prompts: list[str] | None = None, system_prompt_prob: float = 0.0, seed: int = 0,
-                 num_workers: int | None = None):
-        self.max_seq_len = max_seq_len
+                 num_workers: int | None = None, empty_think_ratio: float = 0.0):
+        if not 0.0 <= empty_think_ratio <= 1.0:
+            raise DataError(f"empty_think_ratio {empty_think_ratio} must be in [0, 1]")
+        self.max_seq_len, self.empty_think_ratio = max_seq_len, empty_think_ratio
         self.system_prompts = list(system_prompts or [])
         self.system_prompt_prob, self.seed = system_prompt_prob, seed
         self._build(jsonl_path, tokenizer, skip_bad, num_workers)
         self.lengths = self.rows["row"].lengths() - 1
 
     def _render(self, tokenizer, obj, lineno):
-        messages = obj["conversations"]
-        if self.system_prompts and not any(m["role"] == "system" for m in messages):
+        messages, tools = obj["conversations"], conversation_tools(obj, "conversations")
+        if self.system_prompts and not tools and not any(m["role"] == "system" for m in messages):
             u, k = _stable_uniforms(self.seed, lineno)
             if u < self.system_prompt_prob:
                 messages = [{"role": "system", "content": self.system_prompts[k % len(self.system_prompts)]}] + messages
-        return [_truncated_row(tokenizer, messages, self.max_seq_len)]
+        if self.empty_think_ratio and _stable_uniforms(self.seed + 1, lineno)[0] < self.empty_think_ratio:
+            messages = [{**m, "content": THINK_OFF_PREFILL + m["content"]}
+                        if m["role"] == "assistant" and not m.get("reasoning_content") and "<think>" not in m["content"]
+                        else m for m in messages]
+        return [_truncated_row(tokenizer, messages, self.max_seq_len, tools)]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids, loss_mask = self.rows["row"].item(i)
@@ -198,7 +200,8 @@ class DPODataset(_ChatDataset):
         self.lengths = np.maximum(self.rows["chosen"].lengths(), self.rows["rejected"].lengths()) - 1
 
     def _render(self, tokenizer, obj, lineno):
-        return [_truncated_row(tokenizer, obj[side], self.max_seq_len) for side in self.stores]
+        return [_truncated_row(tokenizer, obj[side], self.max_seq_len, conversation_tools(obj, side))
+                for side in self.stores]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = {}

@@ -7,9 +7,11 @@ Formats (MiniMind's, so its public datasets drop in):
     DPO        {"chosen": [messages], "rejected": [messages]}
     reasoning  SFT format; the tokenizer renders an assistant `reasoning_content` field itself
                (MiniMind-3's form); an assistant turn may then have empty "content".
-    tool use   rows with "tools" (a message's or the row's), "tool_calls" or a "role": "tool" message
-               (MiniMind-3's SFT data mixes them in) are skipped and counted, with the reason, in the
-               dataset's report until tool use lands: never a crash, never trained without their tools.
+    tool use   MiniMind-3's (OpenAI-style): "tools" (a list of JSON schemas, or that list as a JSON
+               string) on the system message or on the row, "tool_calls" on an assistant message (a
+               list, or a JSON string of one, of {"name", "arguments"} or {"function": {...}}; its
+               content may then be ""), and "role": "tool" messages holding a tool's result. The
+               JSON strings are parsed in place when the row is checked; the tokenizer renders the rest.
 
 What a line may be: UTF-8 (a BOM at the start of a line is dropped), LF or CRLF endings, blank
 lines ignored; unknown fields, in a row or in a message, are ignored. A conversation may start with
@@ -39,7 +41,7 @@ EXAMPLES = {  # one good line per format, for the "no rows" error
     "sft": '{"conversations": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
     "dpo": '{"chosen": [...messages ending with an assistant turn], "rejected": [...]}',
 }
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class DataError(UserError):
@@ -47,11 +49,10 @@ class DataError(UserError):
 
 
 class ToolUseRow(ValueError):
-    """A row that uses tools: the chat datasets skip and count it (tool use is not supported yet);
-    elsewhere it is a bad line like any other."""
+    """A row that uses tools where a reader cannot take them (RL prompt data, minillm.rl): a bad line there."""
 
 
-TOOL_USE_WHY = "tool use is not supported yet"
+TOOL_USE_WHY = "tool use is not supported in RL prompt data yet"
 
 
 def _present(value) -> bool:
@@ -127,8 +128,40 @@ def _check_text(text: str, what: str) -> None:
                          f'(a broken "\\uXXXX" escape); it is not valid Unicode text') from None
 
 
+def _json_field(m: dict, key: str, at: str):
+    """m[key] as a list: MiniMind's data writes "tools" and "tool_calls" as JSON strings; parsed in place."""
+    value = m[key]
+    if isinstance(value, str):
+        try:
+            value = m[key] = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            raise ValueError(f'{at} "{key}" is a string that is not valid JSON; give a list (or its JSON text)') from None
+    if not isinstance(value, list):
+        raise ValueError(f'{at} "{key}" must be a list, got {_json_type(value)}')
+    return value
+
+
+def _check_tools(tools, at: str) -> None:
+    for j, t in enumerate(tools):
+        if not isinstance(t, dict):
+            raise ValueError(f'{at} "tools"[{j}] is {_json_type(t)}, not a JSON schema object')
+
+
+def _check_tool_calls(calls, at: str) -> None:
+    for j, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f'{at} "tool_calls"[{j}] needs a "name" (or a "function" holding one): '
+                             f'{{"name": "...", "arguments": {{...}}}}')
+        arguments = fn.get("arguments", {})
+        if not isinstance(arguments, (dict, str)):
+            raise ValueError(f'{at} "tool_calls"[{j}] "arguments" must be an object (or its JSON text), '
+                             f'got {_json_type(arguments)}')
+
+
 def _check_messages(messages: Any, field: str) -> None:
-    """Raises ValueError(reason) unless `messages` is a list of {role, content} messages."""
+    """Raises ValueError(reason) unless `messages` is a list of {role, content} messages. Tool fields
+    given as JSON strings are parsed in place."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f'"{field}" must be a non-empty list of messages')
     for i, m in enumerate(messages):
@@ -160,19 +193,43 @@ def _check_messages(messages: Any, field: str) -> None:
                 raise ValueError(f'{at} has both "reasoning_content" and a <think> block in "content"; '
                                  f'give the reasoning one way, not both')
             _check_text(reasoning, f'{at} "reasoning_content"')
-        if not content and not (role == "assistant" and reasoning):
+        if _present(m.get("tools")):
+            if role != "system":
+                raise ValueError(f'{at} has "tools"; tools belong on the system message (or on the row)')
+            _check_tools(_json_field(m, "tools", at), at)
+        calls = None
+        if _present(m.get("tool_calls")):
+            if role != "assistant":
+                raise ValueError(f'{at} has "tool_calls"; only assistant turns call tools')
+            calls = _json_field(m, "tool_calls", at)
+            _check_tool_calls(calls, at)
+        if not content and not (role == "assistant" and (reasoning or calls)) and role != "tool":
             raise ValueError(f'{at} has empty "content"')
 
 
+def conversation_tools(obj: dict, field: str) -> list | None:
+    """The tools a checked row offers in `field`'s conversation: the row's "tools", else those on its
+    system messages (MiniMind-3 puts them on the first), in order; None when it offers none."""
+    if _present(obj.get("tools")):
+        return obj["tools"]
+    tools = [t for m in obj[field] if m["role"] == "system" and _present(m.get("tools")) for t in m["tools"]]
+    return tools or None
+
+
+def _check_row_tools(obj: dict) -> None:
+    if _present(obj.get("tools")):
+        _check_tools(_json_field(obj, "tools", "the row"), "the row")
+
+
 def check_sft(obj: dict) -> None:
-    check_tool_use(obj, ("conversations",))
+    _check_row_tools(obj)
     _check_messages(obj["conversations"], "conversations")
     if not any(m["role"] == "assistant" for m in obj["conversations"]):
         raise ValueError('"conversations" has no assistant turn (nothing to learn from)')
 
 
 def check_dpo(obj: dict) -> None:
-    check_tool_use(obj, ("chosen", "rejected"))
+    _check_row_tools(obj)
     for field in ("chosen", "rejected"):
         _check_messages(obj[field], field)
         if obj[field][-1]["role"] != "assistant":
