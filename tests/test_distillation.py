@@ -1,0 +1,289 @@
+"""Logit distillation (train_distillation.py): the loss against hand computations and torch's / the
+transformers recipe's formulations, masks, chunking, step splits, and the script end to end with a
+student smaller than its frozen teacher."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import train_distillation
+import train_full_sft
+from minillm.checkpoint import load_checkpoint, save_checkpoint
+from minillm.config import ModelConfig
+from minillm.data import SFTDataset, pad_collate
+from minillm.errors import UserError
+from minillm.model import MiniLLM
+from minillm.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.load()
+
+
+@pytest.fixture(scope="module")
+def sft_rows(tmp_path_factory):
+    """40 demo conversations (some multi-turn, some with a system prompt) in a folder of their own."""
+    path = tmp_path_factory.mktemp("sft") / "sft.jsonl"
+    lines = (ROOT / "dataset/demo/sft.jsonl").read_text(encoding="utf-8").splitlines()[:40]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def batch(tok, sft_rows):
+    """6 rows of different lengths: prompts, several assistant turns, right padding."""
+    ds = SFTDataset(sft_rows, tok, max_seq_len=96)
+    b = pad_collate(tok.pad_id)([ds[i] for i in range(6)])
+    assert not b["loss_mask"].all(dim=1).any() and (b["ids"] == tok.pad_id).any()  # prompts and padding
+    return b
+
+
+def tiny(tok, seed, **shape):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.preset("debug", vocab_size=tok.vocab_size, kernel_backend="torch", **shape)
+    # a wider init than the default: distributions far from uniform, so KL and T matter
+    return MiniLLM(ModelConfig.from_dict({**cfg.to_dict(), "initializer_range": 0.3}))
+
+
+@pytest.fixture(scope="module")
+def teacher(tok):
+    return tiny(tok, 0).eval().requires_grad_(False)
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'student' whose logits are one leaf tensor: the loss's gradient per position is readable."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits.clone())
+
+    def forward(self, inputs, return_aux=False):
+        assert inputs.shape == self.logits.shape[:2]
+        return self.logits, torch.zeros(())
+
+
+def totals_of(*batches):
+    return {"n_targets": float(sum(b["n_targets"] for b in batches)), "micro_batches": float(len(batches))}
+
+
+def student_logits(batch, tok, seed=1):
+    with torch.no_grad():
+        return tiny(tok, seed, hidden_size=32, num_hidden_layers=1)(batch["ids"][:, :-1])
+
+
+def hand_loss(s_logits, t_logits, batch, alpha, T):
+    """The formula, one target position at a time."""
+    ids, mask = batch["ids"], batch["loss_mask"]
+    ce_terms, kl_terms = [], []
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):
+            if not mask[b, t + 1]:
+                continue
+            s, te = s_logits[b, t], t_logits[b, t]
+            ce_terms.append(-torch.log_softmax(s, -1)[ids[b, t + 1]])
+            p, q = torch.softmax(te / T, -1), torch.softmax(s / T, -1)
+            kl_terms.append((p * (p.log() - q.log())).sum())
+    ce, kl = torch.stack(ce_terms).mean(), torch.stack(kl_terms).mean()
+    return alpha * ce + (1 - alpha) * T ** 2 * kl, ce, kl
+
+
+@pytest.mark.parametrize("alpha, T", [(0.5, 1.5), (0.2, 3.0), (0.9, 1.0)])
+def test_loss_matches_hand_computation(tok, batch, teacher, alpha, T):
+    s = student_logits(batch, tok)
+    loss, metrics = train_distillation.make_distill_loss(teacher, alpha, T, chunk_size=64)(
+        FixedLogits(s), batch, totals_of(batch))
+    expected, ce, kl = hand_loss(s, teacher(batch["ids"][:, :-1]), batch, alpha, T)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(metrics["ce"], ce)
+    torch.testing.assert_close(metrics["kl"], kl)
+    torch.testing.assert_close(metrics["kd_loss"], expected)
+    assert kl > 1e-3 and (1 - alpha) * T ** 2 * kl > 0.01 * loss  # the soft term is not negligible here
+
+
+def test_prompt_and_padding_positions_get_no_gradient(tok, batch, teacher):
+    student = FixedLogits(student_logits(batch, tok))
+    loss, _ = train_distillation.make_distill_loss(teacher, 0.5, 1.5)(student, batch, totals_of(batch))
+    loss.backward()
+    per_position = student.logits.grad.abs().sum(-1)
+    targets = batch["loss_mask"][:, 1:]
+    assert (per_position[~targets] == 0).all()  # system/user text, role headers, padding: exactly nothing
+    assert (per_position[targets] > 0).all()
+
+
+def test_padding_ids_do_not_change_the_loss(tok, batch, teacher):
+    """Real models: what sits in the padded positions (never targets) cannot change the loss."""
+    student = tiny(tok, 1, hidden_size=32, num_hidden_layers=1)
+    loss_fn = train_distillation.make_distill_loss(teacher, 0.5, 1.5)
+    other = dict(batch, ids=batch["ids"].masked_fill(batch["ids"] == tok.pad_id, 7))
+    torch.testing.assert_close(loss_fn(student, other, totals_of(batch))[0],
+                               loss_fn(student, batch, totals_of(batch))[0])
+
+
+def test_alpha_one_is_plain_sft(tok, batch, teacher):
+    """α = 1 is train_full_sft.py's loss, value and gradients, on the same model."""
+    student = tiny(tok, 1, hidden_size=32, num_hidden_layers=1)
+    kd, _ = train_distillation.make_distill_loss(teacher, 1.0, 1.5)(student, batch, totals_of(batch))
+    kd_grads = torch.autograd.grad(kd, list(student.parameters()))
+    sft, _ = train_full_sft.sft_loss(student, batch, totals_of(batch))
+    sft_grads = torch.autograd.grad(sft, list(student.parameters()))
+    torch.testing.assert_close(kd, sft)
+    for a, b in zip(kd_grads, sft_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_alpha_zero_takes_no_gradient_from_ce(tok, batch, teacher):
+    s = student_logits(batch, tok)
+    student = FixedLogits(s)
+    loss, metrics = train_distillation.make_distill_loss(teacher, 0.0, 2.0)(student, batch, totals_of(batch))
+    loss.backward()
+    hand = FixedLogits(s)
+    _, _, kl = hand_loss(hand.logits, teacher(batch["ids"][:, :-1]), batch, 0.0, 2.0)
+    (4.0 * kl).backward()
+    torch.testing.assert_close(student.logits.grad, hand.logits.grad)
+    assert metrics["ce"] > 0  # still computed and logged, weighted 0
+
+
+@pytest.mark.parametrize("alpha, T", [(0.5, 1.5), (0.0, 2.0)])
+def test_matches_torch_kl_div_and_the_transformers_recipe(tok, batch, teacher, alpha, T):
+    s = student_logits(batch, tok)
+    loss, _ = train_distillation.make_distill_loss(teacher, alpha, T)(FixedLogits(s), batch, totals_of(batch))
+    rows = batch["loss_mask"][:, 1:]
+    st, te = s[rows], teacher(batch["ids"][:, :-1])[rows]
+    targets = batch["ids"][:, 1:][rows]
+    n = rows.sum()
+    # torch's formulation: KL(target ‖ input) with both as log-probs, summed, per target token
+    kl = F.kl_div(F.log_softmax(st / T, -1), F.log_softmax(te / T, -1), log_target=True, reduction="sum") / n
+    torch.testing.assert_close(loss, alpha * F.cross_entropy(st, targets) + (1 - alpha) * T ** 2 * kl)
+    # the transformers task guide's distillation trainer (lambda_param = 1 - alpha): KLDivLoss with
+    # "batchmean" on the target rows (one row = one target token), scaled by T²
+    soft = torch.nn.KLDivLoss(reduction="batchmean")(F.log_softmax(st / T, -1), F.softmax(te / T, -1)) * T ** 2
+    lam = 1 - alpha
+    torch.testing.assert_close(loss, (1 - lam) * F.cross_entropy(st, targets) + lam * soft)
+
+
+def test_chunked_equals_unchunked(tok, batch, teacher):
+    """Every chunk size gives the whole batch's loss and gradients to fp32 rounding."""
+    student = tiny(tok, 1, hidden_size=32, num_hidden_layers=1)
+    results = []
+    for chunk in (0, 1, 37, 100_000):
+        loss, _ = train_distillation.make_distill_loss(teacher, 0.5, 1.5, chunk_size=chunk)(
+            student, batch, totals_of(batch))
+        results.append((loss, torch.autograd.grad(loss, list(student.parameters()))))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0])
+        for a, b in zip(grads, results[0][1]):
+            torch.testing.assert_close(a, b)
+
+
+def test_chunks_keep_teacher_logits_out_of_the_graph(tok, batch, teacher):
+    """The backward graph holds no [positions, vocab] tensor per chunk beyond the student's own logits:
+    count what autograd saves with the chunked loss vs an unchunked, uncheckpointed one."""
+    s = student_logits(batch, tok)
+    V = s.shape[-1]
+
+    def saved_vocab_tensors(fn):
+        seen = []
+
+        def pack(t):
+            if t.dim() >= 1 and t.shape[-1] == V:
+                seen.append(t.numel())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(seen)
+
+    chunked = saved_vocab_tensors(lambda: train_distillation.make_distill_loss(teacher, 0.5, 1.5, chunk_size=16)(
+        FixedLogits(s), batch, totals_of(batch)))
+    plain = saved_vocab_tensors(lambda: hand_loss(FixedLogits(s).logits, teacher(batch["ids"][:, :-1]),
+                                                  batch, 0.5, 1.5))
+    assert chunked <= s.numel()  # nothing beyond (views of) the student's logits
+    assert plain > 2 * s[batch["loss_mask"][:, 1:]].numel()
+
+
+def test_micro_batch_split_gives_the_same_step(tok, sft_rows, teacher):
+    """Two micro-batches with the step's totals: shares add up to the whole batch's loss and gradient."""
+    ds = SFTDataset(sft_rows, tok, max_seq_len=96)
+    collate = pad_collate(tok.pad_id)
+    whole, a, b = collate([ds[i] for i in range(6)]), collate([ds[i] for i in range(2)]), \
+        collate([ds[i] for i in range(2, 6)])
+    student = tiny(tok, 1, hidden_size=32, num_hidden_layers=1)
+    loss_fn = train_distillation.make_distill_loss(teacher, 0.3, 2.0)
+    full, _ = loss_fn(student, whole, totals_of(whole))
+    full_grads = torch.autograd.grad(full, list(student.parameters()))
+    parts = [loss_fn(student, part, totals_of(a, b))[0] for part in (a, b)]
+    split_grads = torch.autograd.grad(parts[0] + parts[1], list(student.parameters()))
+    torch.testing.assert_close(parts[0] + parts[1], full)
+    for x, y in zip(split_grads, full_grads):
+        torch.testing.assert_close(x, y)
+
+
+# -- the script ------------------------------------------------------------------------------------
+def run(tmp_path, sft_rows, *extra):
+    return train_distillation.main([
+        "--data_path", str(sft_rows), "--save_dir", str(tmp_path / "out"), "--max_seq_len", "96",
+        "--batch_size", "8", "--device", "cpu", "--num_workers", "0", "--use_tensorboard", "0",
+        "--use_compile", "0", "--report_path", "", *extra])
+
+
+@pytest.fixture
+def teacher_dir(tok, tmp_path, teacher):
+    save_checkpoint(tmp_path / "out" / "full_sft", teacher, tok)
+    return tmp_path / "out" / "full_sft"
+
+
+def test_smaller_student_learns_from_frozen_teacher(tok, tmp_path, sft_rows, teacher_dir):
+    trainer = run(tmp_path, sft_rows, "--preset", "debug", "--student_hidden_size", "32", "--student_num_layers", "1",
+                  "--max_steps", "8", "--log_interval", "1", "--learning_rate", "1e-2", "--eval_split", "0.2",
+                  "--alpha", "0.5", "--temperature", "2")
+    student_cfg = trainer.model.config
+    assert (student_cfg.hidden_size, student_cfg.num_hidden_layers) == (32, 1)  # the default teacher: 64 x 2
+    assert trainer.history[-1] < 0.9 * trainer.history[0]
+    assert trainer.eval_history and trainer.step == 8
+    # the teacher: untouched in memory, never trained, never saved
+    before, _ = load_checkpoint(teacher_dir)
+    for (name, p), q in zip(trainer.teacher.named_parameters(), before.parameters()):
+        assert torch.equal(p, q), name
+        assert not p.requires_grad
+    assert not trainer.teacher.training
+    assert sum(p.numel() for p in trainer.params) == trainer.model.num_params()
+    saved, _ = load_checkpoint(tmp_path / "out" / "full_dist")
+    assert saved.config.hidden_size == 32
+    doc = yaml.safe_load((tmp_path / "out" / "full_dist" / "config.yaml").read_text())
+    assert doc["stage"]["teacher_init_from"] == str(teacher_dir) and doc["stage"]["temperature"] == 2.0
+
+
+def test_minimind_flags_pick_student_and_teacher(tok, tmp_path, sft_rows, teacher_dir):
+    """--from_student_weight / --from_teacher_weight name folders under --save_dir; --teacher_* check the teacher."""
+    save_checkpoint(tmp_path / "out" / "small", tiny(tok, 3, hidden_size=32, num_hidden_layers=1), tok)
+    trainer = run(tmp_path, sft_rows, "--from_student_weight", "small", "--from_teacher_weight", "full_sft",
+                  "--teacher_hidden_size", "64", "--teacher_num_layers", "2", "--teacher_use_moe", "0",
+                  "--max_steps", "1")
+    assert trainer.model.config.hidden_size == 32 and trainer.step == 1
+    with pytest.raises(UserError, match="--teacher_hidden_size 768, but the teacher"):
+        run(tmp_path, sft_rows, "--from_student_weight", "small", "--teacher_hidden_size", "768")
+    with pytest.raises(UserError, match="both say where the teacher is"):
+        run(tmp_path, sft_rows, "--teacher_init_from", str(teacher_dir), "--from_teacher_weight", "full_sft")
+    with pytest.raises(UserError, match="--alpha 1.5"):
+        run(tmp_path, sft_rows, "--alpha", "1.5")
+
+
+def test_vocabulary_mismatch_is_a_clear_error(tok, tmp_path, sft_rows, teacher_dir):
+    # another tokenizer (one piece's score changed: same size, other model) under the teacher
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok._proto)
+    proto.pieces[-1].score -= 1.0
+    other = Tokenizer(proto.SerializeToString())
+    save_checkpoint(tmp_path / "other_tok", load_checkpoint(teacher_dir)[0], other)
+    with pytest.raises(UserError, match="do not share a vocabulary"):
+        run(tmp_path, sft_rows, "--teacher_init_from", str(tmp_path / "other_tok"), "--preset", "debug")
+    # same tokenizer, other output size
+    with pytest.raises(UserError, match=r"vocab_size 2048\) and the student \(tokenizer \w+, vocab_size 2112\)"):
+        run(tmp_path, sft_rows, "--preset", "debug", "--vocab_size", "2112")
+    with pytest.raises(UserError, match="the teacher: --teacher_init_from"):
+        run(tmp_path, sft_rows, "--teacher_init_from", str(tmp_path / "missing"), "--preset", "debug")
