@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.data import Dataset
 
 from minillm.checkpoint import CONFIG, load_config, load_weights, resolve_checkpoint, save_checkpoint
 from minillm.config import ModelConfig
+from minillm.data import dpo_collate, read_jsonl
 from minillm.errors import NotFound, UserError
 from minillm.model import MiniLLM, eval_mode
 
@@ -106,3 +108,72 @@ def load_reward_model(path, device="cpu", kernel_backend: str | None = None) -> 
     model = load_weights(RewardModel(cfg), folder).to(device).eval()
     model.requires_grad_(False)
     return model
+
+
+# -- preference pairs -------------------------------------------------------------------------------
+class WithLengths(Dataset):
+    """Preference pairs (DPODataset items) that also carry each side's real length, so the collate
+    stacks `chosen_length` / `rejected_length` [B] beside the right-padded ids."""
+
+    def __init__(self, pairs):
+        self.pairs, self.lengths = pairs, pairs.lengths
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getattr__(self, name):  # report(), bad_lines, ... of the pairs
+        if name == "pairs":
+            raise AttributeError(name)
+        return getattr(self.pairs, name)
+
+    def __getitem__(self, i):
+        item = dict(self.pairs[i])
+        for side in ("chosen", "rejected"):
+            item[f"{side}_length"] = torch.tensor(len(item[f"{side}_ids"]))
+        return item
+
+
+def pair_rewards(model, batch, return_aux: bool = False):
+    """(chosen rewards [B], rejected rewards [B]) of a WithLengths batch, in one forward over both sides
+    (dpo_collate pads them to one length); with return_aux also the MoE balance loss."""
+    ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
+    lengths = torch.cat([batch["chosen_length"], batch["rejected_length"]])
+    rewards, aux = model(ids, lengths, return_aux=True)
+    chosen, rejected = rewards.chunk(2)
+    return (chosen, rejected, aux) if return_aux else (chosen, rejected)
+
+
+HELDOUT_PAIR_FIELDS = {"question": str, "chosen": str, "rejected": str}
+
+
+def read_heldout_pairs(path) -> list[dict]:
+    """{"question", "chosen", "rejected"} rows (dataset/demo/heldout_dpo.jsonl), checked line by line."""
+    from minillm.errors import require_file
+    require_file(path, "held-out pairs file", 'pass a jsonl of {"question", "chosen", "rejected"} rows')
+    rows = [obj for _, obj in read_jsonl(path, HELDOUT_PAIR_FIELDS)]
+    if not rows:
+        raise UserError(f"{path}: no held-out pairs")
+    return rows
+
+
+@torch.no_grad()
+def reward_margins(model: RewardModel, tokenizer, rows, device, batch_size: int = 32) -> torch.Tensor:
+    """r(chosen) - r(rejected) [N] for held-out rows {question, chosen, rejected}, each reply scored
+    after its question as one user turn; > 0 where the model prefers the chosen reply."""
+    collate = dpo_collate(tokenizer.pad_id)
+    margins = []
+    with eval_mode(model):
+        for start in range(0, len(rows), batch_size):
+            items = []
+            for row in rows[start: start + batch_size]:
+                item = {}
+                for side in ("chosen", "rejected"):
+                    ids, mask = tokenizer.render_chat([{"role": "user", "content": row["question"]},
+                                                       {"role": "assistant", "content": row[side]}])
+                    item[f"{side}_ids"], item[f"{side}_loss_mask"] = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+                    item[f"{side}_length"] = torch.tensor(len(ids))
+                items.append(item)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(items).items()}
+            chosen, rejected = pair_rewards(model, batch)
+            margins.append((chosen - rejected).float().cpu())
+    return torch.cat(margins)
