@@ -197,7 +197,13 @@ class TrainConfig:
     batch_size: int = _help("rows per micro-batch per process", default=16)
     accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
     max_seq_len: int = _help("tokens per row", default=256)
-    learning_rate: float = _help("peak learning rate", default=1e-3)
+    learning_rate: float = _help("peak learning rate (with --optimizer muon: of the AdamW part)", default=1e-3)
+    optimizer: str = _help("adamw | muon (Muon for the decoder blocks' 2-D weights, AdamW at --learning_rate "
+                           "for embeddings, output head, norms, biases and the MoE router)", default="adamw")
+    muon_lr: float = _help("peak learning rate of the Muon part (--optimizer muon)", default=0.02)
+    muon_momentum: float = _help("Muon's momentum (Nesterov)", default=0.95)
+    muon_adapters: int = _help("1 = LoRA adapter matrices train with Muon too (default: they stay on AdamW)",
+                               default=0)
     min_lr_ratio: float = _help("final learning rate as a fraction of the peak (cosine decay)", default=0.1)
     warmup_steps: int = _help("linear warm-up steps (-1 = 1%% of the run, at least 1)", default=-1)
     weight_decay: float = _help("AdamW weight decay (not applied to norms and biases)", default=0.1)
@@ -265,6 +271,10 @@ class TrainConfig:
             ("overwrite", self.overwrite in (0, 1), "must be 1 or 0"),
             ("keep_last", self.keep_last >= 0, "must be >= 0 (0 = keep no history)"),
             ("nan_policy", self.nan_policy in ("stop", "skip"), "must be stop or skip"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
+            ("muon_lr", self.muon_lr >= 0, "must be >= 0"),
+            ("muon_momentum", 0 <= self.muon_momentum < 1, "must be in [0, 1)"),
+            ("muon_adapters", self.muon_adapters in (0, 1), "must be 1 or 0"),
             ("max_bad_steps", self.max_bad_steps >= 1, "must be at least 1"),
         ]
         problems = [f"--{name} {getattr(self, name)!r} {rule}" for name, fine, rule in rules if not fine]
@@ -303,6 +313,7 @@ class TrainConfig:
 
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+OPTIMIZERS = ("adamw", "muon")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -451,7 +462,7 @@ TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "data": ("data_path", "tokenizer_path", "max_seq_len", "num_workers", "skip_bad_lines"),
     "optimisation": ("epochs", "max_steps", "batch_size", "accumulation_steps", "learning_rate", "min_lr_ratio",
                      "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "nan_policy",
-                     "max_bad_steps"),
+                     "max_bad_steps", "optimizer", "muon_lr", "muon_momentum", "muon_adapters"),
     "hardware": ("device", "dtype", "use_compile", "compile_mode"),
     "checkpointing": ("save_dir", "save_weight", "init_from", "save_interval", "from_resume", "overwrite",
                       "keep_last"),

@@ -2,15 +2,21 @@
 
     rows = read_heldout("dataset/demo/heldout_sft.jsonl")     # [{"question", "answer", "lang"}]
     result = heldout_accuracy(model, tok, rows)               # greedy chat answers; .accuracy, .by_lang
-    stats = eval_loss(model, tok, "dataset/demo/sft.jsonl")   # {"loss", "perplexity", "tokens", "rows", "format"}
+    stats = eval_loss(model, tok, "dataset/demo/sft.jsonl")   # {"loss", "perplexity", "bits_per_byte", "tokens", ...}
 
 A held-out answer counts as correct when the greedy reply contains the expected string
 (case-insensitive). Questions are always asked in chat format, even to a pretrained model.
+
+Bits per byte (nanochat's measure): the targets' summed cross-entropy in bits over the UTF-8 bytes of the
+text they decode to. Unlike the loss per token it does not depend on the tokenizer, so a 2048-piece and a
+6400-piece vocabulary (ours and MiniMind's) compare on equal terms. Control tokens (<|im_start|>,
+<|im_end|>, <|endoftext|>, padding) stand for no text: they count in neither sum.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,9 +133,11 @@ def eval_loss(model, tokenizer, path, max_seq_len: int = 512, batch_size: int = 
     fmt = detect_format(path)
     device = next(model.parameters()).device
     total_nll, total_tokens, n_rows, batch = 0.0, 0, 0, []
+    byte_lengths = token_byte_lengths(tokenizer)
+    nats, n_bytes = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
 
     def flush():
-        nonlocal total_nll, total_tokens
+        nonlocal total_nll, total_tokens, nats, n_bytes
         length = max(len(ids) for ids, _ in batch)
         ids_t = torch.full((len(batch), length), tokenizer.pad_id, dtype=torch.long)
         labels_t = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
@@ -140,6 +148,8 @@ def eval_loss(model, tokenizer, path, max_seq_len: int = 512, batch_size: int = 
         n = int((labels_t != IGNORE_INDEX).sum())
         total_nll += float(model(ids_t, labels=labels_t).ce_loss) * n
         total_tokens += n
+        batch_nats, batch_bytes = nats_and_bytes(model, ids_t, labels_t, byte_lengths)
+        nats, n_bytes = nats + batch_nats, n_bytes + batch_bytes
         batch.clear()
 
     with eval_mode(model):
@@ -155,7 +165,42 @@ def eval_loss(model, tokenizer, path, max_seq_len: int = 512, batch_size: int = 
     if total_tokens == 0:
         raise DataError(f"{path}: no tokens to evaluate")
     loss = total_nll / total_tokens
-    return {"format": fmt, "rows": n_rows, "tokens": total_tokens, "loss": loss, "perplexity": math.exp(min(loss, 50))}
+    return {"format": fmt, "rows": n_rows, "tokens": total_tokens, "loss": loss, "perplexity": math.exp(min(loss, 50)),
+            "bits_per_byte": bits_per_byte(nats, n_bytes), "bytes": int(n_bytes)}
+
+
+CONTROL_TOKENS = ("pad", "endoftext", "im_start", "im_end")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def token_byte_lengths(tokenizer) -> torch.Tensor:
+    """[V] the UTF-8 bytes each token id stands for in decoded text: a SentencePiece piece's text with
+    "▁" as a space, 1 for a byte-fallback piece (<0xAB>), 0 for control tokens."""
+    control = {tokenizer.special_ids.get(k) for k in CONTROL_TOKENS} - {None}
+    lengths = []
+    for i in range(len(tokenizer)):
+        piece = tokenizer.id_to_piece(i)
+        if i in control:
+            lengths.append(0)
+        elif _BYTE_PIECE.fullmatch(piece):
+            lengths.append(1)
+        else:
+            lengths.append(len(piece.replace("\u2581", " ").encode("utf-8")))
+    return torch.tensor(lengths, dtype=torch.long)
+
+
+def nats_and_bytes(model, input_ids, labels, byte_lengths) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy in nats, summed UTF-8 bytes) over the targets that stand for text; device
+    tensors, no host sync. Goes through the model's fused loss (no [B, T, V] logits kept)."""
+    byte_lengths = byte_lengths.to(labels.device)
+    counted = labels != IGNORE_INDEX
+    n_bytes = torch.where(counted, byte_lengths[labels.clamp(min=0)], 0)
+    labels = labels.masked_fill(n_bytes == 0, IGNORE_INDEX)
+    return model(input_ids, labels=labels, reduction="sum").ce_loss.float(), n_bytes.sum()
+
+
+def bits_per_byte(nats, n_bytes) -> float:
+    return float(nats) / (math.log(2) * max(float(n_bytes), 1.0))
 
 
 # the demo's held-out set for each stage (eval_model.py reports it by default on demo checkpoints)

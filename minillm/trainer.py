@@ -140,19 +140,97 @@ def total_grad_norm(params) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def build_optimizer(params, cfg: TrainConfig, device: torch.device):
-    """AdamW; no weight decay on norms, biases and other 1-d tensors. The fused kernel (CUDA and CPU):
-    fast, and it skips a step flagged through `optimizer.found_inf` on the device, without a host
-    sync (the trainer's non-finite guard)."""
-    params = [p for p in params if p.requires_grad]
-    if not params:
+def is_muon_param(name: str, param: torch.Tensor, adapters: bool = False) -> bool:
+    """Muon's share of the model (nanochat / modded-nanogpt's split): the 2-D weights inside the decoder
+    blocks (attention and MLP / expert projections). Embeddings, the output head, norms, biases and the
+    MoE router stay on AdamW, and so do LoRA adapters unless `adapters`."""
+    if param.dim() != 2 or ".layers." not in f".{name}" or name.endswith(".gate.weight"):
+        return False
+    return adapters or "lora_" not in name
+
+
+class MuonAdamW:
+    """torch.optim.Muon for the hidden matrices and AdamW for the rest, stepped as one optimizer (the
+    trainer, GradScaler and checkpoints see one `param_groups` list and one state dict).
+
+    The non-finite guard: Muon has no fused `found_inf` skip, so a flagged step is skipped here with
+    one host read of the flag per step (AdamW alone skips on the device without one)."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer | None):
+        self.parts = {"muon": muon, "adamw": adamw} if adamw is not None else {"muon": muon}
+        self.muon, self.adamw = muon, adamw
+        self.found_inf = None
+
+    @property
+    def param_groups(self):
+        return [group for part in self.parts.values() for group in part.param_groups]
+
+    @property
+    def state(self):
+        return {k: v for part in self.parts.values() for k, v in part.state.items()}
+
+    def zero_grad(self, set_to_none: bool = True):
+        for part in self.parts.values():
+            part.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        if self.found_inf is not None and bool(self.found_inf):
+            return None
+        for part in self.parts.values():
+            part.step()
+        return None
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict):
+        if set(state) != set(self.parts):
+            raise UserError(f"the checkpoint's optimizer state has parts {sorted(state)}, this run's has "
+                            f"{sorted(self.parts)}: resume with the saved --optimizer and --muon_adapters")
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
+def build_optimizer(named_params, cfg: TrainConfig, device: torch.device):
+    """`named_params`: (name, parameter) pairs to train. --optimizer adamw: AdamW, no weight decay on norms,
+    biases and other 1-d tensors; the fused kernel (CUDA and CPU): fast, and it skips a step flagged through
+    `optimizer.found_inf` on the device, without a host sync (the trainer's non-finite guard).
+    --optimizer muon: Muon (--muon_lr, --muon_momentum, --weight_decay) for `is_muon_param`s, that AdamW
+    (--learning_rate) for the rest. Every group carries its own `peak_lr` for the schedule."""
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    if not named:
         raise ValueError("nothing to train: no parameter requires a gradient")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type in ("cuda", "cpu"))
+    muon = [p for n, p in named if is_muon_param(n, p, bool(cfg.muon_adapters))] if cfg.optimizer == "muon" else []
+    in_muon = {id(p) for p in muon}
+    rest = [p for _, p in named if id(p) not in in_muon]
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
+    groups = [{"params": ps, "weight_decay": wd, "peak_lr": cfg.learning_rate}
+              for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if ps]
+    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                              fused=device.type in ("cuda", "cpu")) if groups else None
+    if cfg.optimizer != "muon":
+        return adamw
+    if not muon:
+        raise UserError("--optimizer muon: no parameter here is a decoder block's 2-D weight (LoRA adapters "
+                        "need --muon_adapters 1); use --optimizer adamw")
+    # "original" (Keller Jordan's) scales each update by sqrt(max(1, rows / cols)): --muon_lr is Muon's own
+    # learning rate (0.02 in modded-nanogpt and nanochat), not AdamW's
+    return MuonAdamW(torch.optim.Muon([{"params": muon, "peak_lr": cfg.muon_lr}], lr=cfg.muon_lr,
+                                      weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=True,
+                                      adjust_lr_fn="original"), adamw)
+
+
+def text_targets(batch: dict):
+    """(inputs, shifted labels) of the text a batch trains a language model on: pretraining rows (every
+    token), chat rows (the assistant's tokens), preference pairs (the chosen replies); None otherwise."""
+    for side in ("", "chosen_"):
+        ids = batch.get(f"{side}ids")
+        if ids is not None:
+            mask = batch.get(f"{side}loss_mask")
+            labels = ids[:, 1:] if mask is None else ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+            return ids[:, :-1], labels
+    return None
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -189,22 +267,30 @@ class Trainer:
 
     `collate` turns a list of items into a batch dict with host-int counts, `n_tokens` (real tokens,
     for tok/s) among them. `params` (default: all) are what the optimizer updates; `save_adapter=True` saves only the LoRA
-    adapter (plus resume state) instead of the whole model.
+    adapter (plus resume state) instead of the whole model. `checkpoint_model` (default: the model) is the
+    part of the model a checkpoint's weights hold, e.g. the policy of PPO's policy + critic pair, so the
+    checkpoint loads as a plain model; the model's other tensors (the critic) travel in the resume state.
     """
 
-    def __init__(self, stage: "Stage", dataset, sampler, collate, params=None, save_adapter: bool = False):
+    def __init__(self, stage: "Stage", dataset, sampler, collate, params=None, save_adapter: bool = False,
+                 checkpoint_model: torch.nn.Module | None = None):
         self.stage, self.cfg, self.dist = stage, stage.cfg, stage.dist
         self.device = stage.dist.device
         self.model = stage.model.to(self.device)
         self.dataset, self.sampler, self.collate = dataset, sampler, collate
         self.save_adapter = save_adapter
+        self.checkpoint_model = checkpoint_model if checkpoint_model is not None else self.model
         cfg = self.cfg
         self.run_dir = Path(cfg.save_dir) / cfg.save_weight
         self.log_dir = Path(cfg.save_dir) / "logs" / cfg.save_weight
 
         params = list(params) if params is not None else list(self.model.parameters())
         self.params = [p for p in params if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg, self.device)
+        wanted = {id(p) for p in self.params}
+        self.optimizer = build_optimizer([(n, p) for n, p in self.model.named_parameters() if id(p) in wanted],
+                                         cfg, self.device)
+        # this run's flags, kept apart: a resumed optimizer state brings back the saved groups' values
+        self.peak_lrs = [group["peak_lr"] for group in self.optimizer.param_groups]
 
         cuda = self.device.type == "cuda"
         self.amp_dtype = training_dtype(cfg.dtype, self.device)
@@ -241,9 +327,19 @@ class Trainer:
         if self.dist.enabled:
             rngs = [None] * self.dist.world_size
             dist.all_gather_object(rngs, rng_state())
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": rngs, "world_size": self.dist.world_size, "total_steps": self.total_steps}
+        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "rng": rngs, "world_size": self.dist.world_size, "total_steps": self.total_steps}
+        if self.checkpoint_model is not self.model:
+            state["other_tensors"] = self.other_tensors()
+        return state
+
+    def other_tensors(self) -> dict:
+        """The model's weights and buffers that the checkpoint's weights leave out (told apart by identity,
+        so tied or shared tensors are not doubled), as CPU copies."""
+        in_checkpoint = {id(t) for t in self.checkpoint_model.state_dict(keep_vars=True).values()}
+        return {name: t.detach().cpu().clone() for name, t in self.model.state_dict(keep_vars=True).items()
+                if id(t) not in in_checkpoint}
 
     def save(self):
         self.check_finite_weights()  # on every rank (DDP keeps them equal), so all stop together
@@ -252,10 +348,10 @@ class Trainer:
             stage_doc = {"stage": self.stage.stage_args} if self.stage.stage_args else {}
             if self.save_adapter:
                 from minillm.lora import save_lora
-                save_lora(self.run_dir, self.model, {"train": self.cfg.to_dict(), **stage_doc,
+                save_lora(self.run_dir, self.checkpoint_model, {"train": self.cfg.to_dict(), **stage_doc,
                                                      "base": self.cfg.init_from}, trainer_state=state)
             else:
-                save_checkpoint(self.run_dir, self.model, self.stage.tokenizer, self.cfg, trainer_state=state,
+                save_checkpoint(self.run_dir, self.checkpoint_model, self.stage.tokenizer, self.cfg, trainer_state=state,
                                 extra=stage_doc or None)
             runs.record_history(self.run_dir, self.step, self.cfg.keep_last)
         if self.dist.enabled:
@@ -278,10 +374,17 @@ class Trainer:
         self.resume_warning = self.check_resume_fits(folder, state)
         if self.save_adapter:
             from minillm.lora import load_lora
-            load_lora(self.model, folder)
+            load_lora(self.checkpoint_model, folder)
         else:
             from minillm.checkpoint import load_weights
-            load_weights(self.model, folder)
+            load_weights(self.checkpoint_model, folder)
+        if self.checkpoint_model is not self.model:
+            expected = self.other_tensors().keys()
+            others = state.get("other_tensors", {})
+            if set(others) != set(expected):
+                raise UserError(f"{folder}: the resume state holds {sorted(others)[:3]}... but this run's model "
+                                f"needs {sorted(expected)[:3]}...; it was written by another kind of run")
+            self.model.load_state_dict(others, strict=False)
         return state
 
     def check_resume_fits(self, folder: Path, state: dict) -> str | None:
@@ -293,7 +396,7 @@ class Trainer:
         from minillm.config import load_yaml
         doc = load_yaml(folder / ("adapter_config.yaml" if self.save_adapter else "config.yaml"))
         saved_model = doc.get("base_model" if self.save_adapter else "model", {})
-        mine = getattr(self.model, "config", None)
+        mine = getattr(self.checkpoint_model, "config", None)
         if mine is not None:
             changed = {k: (v, getattr(mine, k)) for k, v in saved_model.items()
                        if k != "kernel_backend" and hasattr(mine, k) and getattr(mine, k) != v}
@@ -303,14 +406,16 @@ class Trainer:
                                 + "); resume with the original shape or start a new run")
         saved = doc.get("train", {})
         now = self.cfg.to_dict()
-        unsafe = [k for k in ("data_path", "batch_size", "accumulation_steps", "max_seq_len", "seed", "init_from")
+        unsafe = [k for k in ("data_path", "batch_size", "accumulation_steps", "max_seq_len", "seed", "init_from",
+                              "optimizer")
                   if k in saved and saved[k] != now[k]]
         if unsafe:
             raise UserError(f"cannot resume {folder}: " + ", ".join(f"--{k} {saved[k]!r} -> {now[k]!r}" for k in unsafe)
                             + " changed, so the saved data position would point elsewhere; resume with the "
                               "saved values or start a new run (--overwrite 1 or another --save_weight)")
         safe = [k for k in ("learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "epochs", "max_steps",
-                            "grad_clip", "beta1", "beta2", "dtype") if k in saved and saved[k] != now[k]]
+                            "grad_clip", "beta1", "beta2", "dtype", "muon_lr", "muon_momentum")
+                if k in saved and saved[k] != now[k]]
         return ("warning: resuming with changed " + ", ".join(f"--{k} {saved[k]} -> {now[k]}" for k in safe)
                 if safe else None)
 
@@ -441,14 +546,26 @@ class Trainer:
         totals = {k: float(sum(batch[k] for batch in batches)) for k in keys}
         totals["micro_batches"] = float(len(batches))
         loss, metrics = torch.zeros((), device=self.device), {}
+        from minillm.evaluation import bits_per_byte, nats_and_bytes, token_byte_lengths
+        from minillm.model import MiniLLM
+        byte_lengths = token_byte_lengths(self.stage.tokenizer) if isinstance(self.model, MiniLLM) else None
+        nats, n_bytes = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long, device=self.device)
         with eval_mode(self.model):
             for batch in batches:
+                batch = self._to_device(batch)
                 with self.autocast:
-                    part, part_metrics = loss_fn(self.model, self._to_device(batch), totals)
+                    part, part_metrics = loss_fn(self.model, batch, totals)
+                    text = text_targets(batch) if byte_lengths is not None else None
+                    if text is not None:  # bits per byte of the text the stage trains on
+                        batch_nats, batch_bytes = nats_and_bytes(self.model, *text, byte_lengths)
+                        nats, n_bytes = nats + batch_nats, n_bytes + batch_bytes
                 loss += part.detach().float()
                 for k, v in part_metrics.items():
                     metrics[k] = metrics.get(k, 0.0) + v.detach().float()
-        return loss.item(), {k: v.item() for k, v in metrics.items()}
+        out = {k: v.item() for k, v in metrics.items()}
+        if int(n_bytes):
+            out["bits_per_byte"] = bits_per_byte(nats, n_bytes)
+        return loss.item(), out
 
     def _run_eval(self, loss_fn, eval_set):
         if self.dist.is_main:
@@ -611,8 +728,8 @@ class Trainer:
         stopped_by = 0
         for micro_batches in self.step_batches() if self.step < self.total_steps else ():
             lr = lr_at(self.step, self.total_steps, cfg.learning_rate, self.warmup, cfg.min_lr_ratio)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):  # Muon's peak differs
+                group["lr"] = lr_at(self.step, self.total_steps, peak, self.warmup, cfg.min_lr_ratio)
             # RL: the step's prompts become experience (rollouts, rewards), which may feed several
             # optimizer updates (PPO epochs x mini-batches); otherwise the batches are one update
             updates = [micro_batches] if rollout is None else rollout(self.model, micro_batches)

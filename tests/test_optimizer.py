@@ -1,0 +1,120 @@
+"""--optimizer muon: which weights Muon trains, that each part steps exactly as its own torch optimizer
+would, the non-finite guard, and exact resume."""
+import pytest
+import torch
+
+import train_pretrain
+from minillm.checkpoint import load_checkpoint
+from minillm.config import ModelConfig, TrainConfig
+from minillm.errors import UserError
+from minillm.lora import apply_lora
+from minillm.model import MiniLLM
+from minillm.trainer import MuonAdamW, Trainer, build_optimizer, is_muon_param
+
+TINY = ["--preset", "debug", "--vocab_size", "6400", "--max_seq_len", "32", "--batch_size", "4",
+        "--log_interval", "1", "--num_workers", "0", "--use_tensorboard", "0", "--learning_rate", "3e-3",
+        "--optimizer", "muon"]
+
+
+def run_pretrain(corpus, save_dir, *extra):
+    return train_pretrain.main(TINY + ["--data_path", str(corpus), "--save_dir", str(save_dir), *extra])
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return MiniLLM(ModelConfig.preset("debug", vocab_size=512, **overrides))
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = tiny_model(use_moe=True)
+    muon = {n for n, p in model.named_parameters() if is_muon_param(n, p)}
+    assert muon and all(".layers." in f".{n}" for n in muon)
+    assert any(n.endswith("q_proj.weight") for n in muon) and any("experts" in n for n in muon)
+    for n, p in model.named_parameters():
+        if n in muon:
+            assert p.dim() == 2
+        elif p.dim() == 2:  # the 2-D weights Muon leaves alone: embeddings, head, router
+            assert n.endswith(("embed_tokens.weight", "lm_head.weight", ".gate.weight")), n
+
+
+def test_lora_adapters_stay_on_adamw_unless_asked():
+    model = tiny_model()
+    params = apply_lora(model, 4, 8, 0.0, "q_proj,v_proj", False)
+    named = [(n, p) for n, p in model.named_parameters() if any(p is q for q in params)]
+    assert not any(is_muon_param(n, p) for n, p in named)
+    assert all(is_muon_param(n, p, adapters=True) for n, p in named)
+    cfg = TrainConfig(optimizer="muon")
+    with pytest.raises(UserError, match="--muon_adapters 1"):
+        build_optimizer(named, cfg, torch.device("cpu"))
+    opt = build_optimizer(named, TrainConfig(optimizer="muon", muon_adapters=1), torch.device("cpu"))
+    assert isinstance(opt, MuonAdamW) and sum(len(g["params"]) for g in opt.muon.param_groups) == len(named)
+
+
+def test_each_part_steps_exactly_like_its_own_torch_optimizer():
+    cfg = TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.05, weight_decay=0.1)
+    model, ref = tiny_model(), tiny_model()
+    opt = build_optimizer(list(model.named_parameters()), cfg, torch.device("cpu"))
+    ref_named = list(ref.named_parameters())
+    ref_muon = torch.optim.Muon([p for n, p in ref_named if is_muon_param(n, p)], lr=0.05, weight_decay=0.1,
+                                momentum=0.95, nesterov=True, adjust_lr_fn="original")
+    rest = [p for n, p in ref_named if not is_muon_param(n, p)]
+    ref_adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.1},
+                                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=1e-3, betas=(0.9, 0.95), fused=True)
+    ids = torch.randint(0, 512, (2, 16))
+    for _ in range(3):
+        for m in (model, ref):
+            m(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
+        opt.step(), ref_muon.step(), ref_adamw.step()
+        opt.zero_grad(), ref_muon.zero_grad(), ref_adamw.zero_grad()
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert [g["peak_lr"] for g in opt.param_groups] == [0.05, 1e-3, 1e-3]
+
+
+def test_a_flagged_step_changes_nothing():
+    model = tiny_model()
+    opt = build_optimizer(list(model.named_parameters()), TrainConfig(optimizer="muon"), torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = torch.randint(0, 512, (2, 16))
+    model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state  # no momentum was taken from the bad gradient either
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_muon_run_learns_and_resumes_exactly(corpus, tmp_path, monkeypatch):
+    n = 3
+    whole = run_pretrain(corpus, tmp_path / "a", "--max_steps", str(2 * n), "--save_interval", str(n))
+    assert whole.history[-1] < whole.history[0] - 0.2, whole.history
+
+    class Crash(Exception):
+        pass
+
+    original_save = Trainer.save
+
+    def save_then_crash(self):
+        original_save(self)
+        if self.step == n:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "save", save_then_crash)
+    with pytest.raises(Crash):
+        run_pretrain(corpus, tmp_path / "b", "--max_steps", str(2 * n), "--save_interval", str(n))
+    monkeypatch.setattr(Trainer, "save", original_save)
+    resumed = run_pretrain(corpus, tmp_path / "b", "--max_steps", str(2 * n), "--save_interval", str(n),
+                           "--from_resume", "1")
+    assert resumed.history == whole.history[n:]
+    a, _ = load_checkpoint(tmp_path / "a" / "pretrain", with_tokenizer=False)
+    b, _ = load_checkpoint(tmp_path / "b" / "pretrain", with_tokenizer=False)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+    # the optimizer cannot change under a resumed run
+    with pytest.raises(UserError, match="--optimizer 'muon' -> 'adamw'"):
+        train_pretrain.main([*TINY[:-2], "--data_path", str(corpus), "--save_dir", str(tmp_path / "b"),
+                             "--max_steps", str(3 * n), "--from_resume", "1", "--optimizer", "adamw"])
