@@ -3,6 +3,7 @@
     python train_pretrain.py                                   # demo model on the demo corpus, CPU ok
     python train_pretrain.py --preset minimind-3 --data_path pretrain_hq.jsonl --batch_size 32
     torchrun --nproc_per_node 8 train_pretrain.py --preset minimind2 --data_path ...
+    python train_pretrain.py --benchmark 30                    # steady-state tokens/s of this exact setup
 
 The corpus is tokenized once into a memory-mapped cache beside the jsonl; later runs reuse it.
 """
@@ -50,7 +51,8 @@ def main(argv=None):
     trainer.fit(pretrain_loss, eval_set)
     if dataset.bad_lines:
         trainer.log(str(dataset.bad_lines))
-    trainer.log(f"done: checkpoint in {trainer.run_dir}")
+    if not cfg.benchmark:
+        trainer.log(f"done: checkpoint in {trainer.run_dir}")
     return trainer
 
 

@@ -237,6 +237,11 @@ class TrainConfig:
                             "run (non-zero exit, nothing saved) after --max_bad_steps such steps in a row, "
                             "skip = keep skipping them", default="stop")
     max_bad_steps: int = _help("consecutive non-finite steps --nan_policy stop tolerates", default=3)
+    benchmark: int = _help("time N optimizer steps after --benchmark_warmup steps on the real data path (loader, "
+                           "logging and all) and print steady-state tokens/s; nothing is saved or evaluated "
+                           "(0 = off: train)", default=0)
+    benchmark_warmup: int = _help("steps --benchmark runs before its clock starts (compilation, allocator, "
+                                  "loader warm-up)", default=5)
 
     def __post_init__(self):
         self.validate()
@@ -275,6 +280,8 @@ class TrainConfig:
             ("muon_lr", self.muon_lr >= 0, "must be >= 0"),
             ("muon_momentum", 0 <= self.muon_momentum < 1, "must be in [0, 1)"),
             ("muon_adapters", self.muon_adapters in (0, 1), "must be 1 or 0"),
+            ("benchmark", self.benchmark >= 0, "must be >= 0 (0 = off)"),
+            ("benchmark_warmup", self.benchmark_warmup >= 1, "must be at least 1"),
             ("max_bad_steps", self.max_bad_steps >= 1, "must be at least 1"),
         ]
         problems = [f"--{name} {getattr(self, name)!r} {rule}" for name, fine, rule in rules if not fine]
@@ -463,7 +470,7 @@ TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "optimisation": ("epochs", "max_steps", "batch_size", "accumulation_steps", "learning_rate", "min_lr_ratio",
                      "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "nan_policy",
                      "max_bad_steps", "optimizer", "muon_lr", "muon_momentum", "muon_adapters"),
-    "hardware": ("device", "dtype", "use_compile", "compile_mode"),
+    "hardware": ("device", "dtype", "use_compile", "compile_mode", "benchmark", "benchmark_warmup"),
     "checkpointing": ("save_dir", "save_weight", "init_from", "save_interval", "from_resume", "overwrite",
                       "keep_last"),
     "logging": ("log_interval", "use_tensorboard"),

@@ -315,6 +315,12 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch
         total = steps_per_epoch * cfg.epochs
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+        if cfg.benchmark:
+            self.total_steps = min(total, cfg.benchmark_warmup + cfg.benchmark)
+            if self.total_steps <= cfg.benchmark_warmup:
+                raise UserError(f"--benchmark: {cfg.data_path} gives {total} optimizer steps, not more than "
+                                f"--benchmark_warmup {cfg.benchmark_warmup}; use more data or more --epochs")
+        self.benchmark_result: dict | None = None
         self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, self.total_steps // 100)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: list[float] = []  # loss per logged step, for tests and reports
@@ -686,7 +692,8 @@ class Trainer:
         one). Every rank must yield the same number of updates. A step is one call, so the schedule,
         logging, checkpoints and resume count rollouts; the logged loss and metrics are means over a
         step's updates."""
-        self.claim_run_dir()
+        if not self.cfg.benchmark:  # a benchmark writes nothing: no run folder to claim
+            self.claim_run_dir()
         try:
             with self._interrupts():
                 return self._fit(loss_fn, eval_set, rollout)
@@ -701,8 +708,9 @@ class Trainer:
         self.ctrl_group = None
         if self.dist.enabled:  # the interrupt flag travels on CPU, never through the GPU's stream
             self.ctrl_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else None
-        self.try_resume()
-        if self.dist.is_main and cfg.use_tensorboard:
+        if not cfg.benchmark:
+            self.try_resume()
+        if self.dist.is_main and cfg.use_tensorboard and not cfg.benchmark:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.log_dir))
         n_params = sum(p.numel() for p in self.params)
@@ -726,6 +734,7 @@ class Trainer:
         tokens_since_log, t_log, t_start, steps_since_log = 0, time.perf_counter(), time.perf_counter(), 0
         step_at_start = self.step
         stopped_by = 0
+        tokens_total, bench_start = 0, None  # --benchmark: (time, tokens) when its clock starts
         for micro_batches in self.step_batches() if self.step < self.total_steps else ():
             lr = lr_at(self.step, self.total_steps, cfg.learning_rate, self.warmup, cfg.min_lr_ratio)
             for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):  # Muon's peak differs
@@ -741,6 +750,7 @@ class Trainer:
                 totals = self.totals(update)
                 grad_norm = self._update(loss_fn, update, totals, step_loss, step_metrics, found_inf)
                 tokens_since_log += sum(batch["n_tokens"] for batch in update) * world
+                tokens_total += sum(batch["n_tokens"] for batch in update) * world
             if n_updates == 0:
                 raise RuntimeError("the rollout function gave no update for this step")
             if n_updates > 1:  # a step's loss and metrics are means over its updates
@@ -753,6 +763,12 @@ class Trainer:
 
             stopped_by = self._stop_requested()
             done = self.step >= self.total_steps or bool(stopped_by)
+            if cfg.benchmark and (self.step == step_at_start + cfg.benchmark_warmup or done):
+                self._sync()
+                if bench_start is None:
+                    bench_start = (time.perf_counter(), tokens_total, self.step)
+                else:
+                    self._report_benchmark(bench_start, tokens_total)
             if self.step % cfg.log_interval == 0 or done or self.step == step_at_start + 1:
                 # the only host syncs of the loop: once per log interval
                 if self.dist.enabled:  # each rank holds its shares: their sum is the step's value
@@ -787,6 +803,10 @@ class Trainer:
                 loss_sum = torch.zeros((), device=self.device)
                 metric_sums = {}
                 tokens_since_log, t_log, steps_since_log = 0, time.perf_counter(), 0
+            if cfg.benchmark:
+                if done:
+                    break
+                continue
             if eval_set is not None and not stopped_by and (done or (eval_every > 0 and self.step % eval_every == 0)):
                 self._run_eval(loss_fn, eval_set)
             if done or (cfg.save_interval > 0 and self.step % cfg.save_interval == 0):
@@ -798,6 +818,24 @@ class Trainer:
             raise Interrupted(f"interrupted by signal {stopped_by} after step {self.step}: saved to {self.run_dir}; "
                               f"continue with the same command plus --from_resume 1", stopped_by)
         return self.history
+
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _report_benchmark(self, start: tuple, tokens_total: int):
+        t0, tokens0, step0 = start
+        seconds, steps = time.perf_counter() - t0, self.step - step0
+        tok_s = (tokens_total - tokens0) / seconds
+        self.benchmark_result = {"tokens_per_s": tok_s, "steps": steps, "seconds": seconds,
+                                 "warmup_steps": step0, "world_size": self.dist.world_size}
+        line = (f"benchmark: {tok_s:,.0f} tokens/s over {steps} steps ({seconds:.1f} s) after {step0} warm-up "
+                f"steps; {self.dist.world_size} x {self.device}, batch {self.cfg.batch_size} x "
+                f"{self.cfg.accumulation_steps} x {self.cfg.max_seq_len}")
+        if self.device.type == "cuda":
+            line += f", peak memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+        self.log(line)
 
 
 def _fmt_time(seconds: float) -> str:

@@ -174,3 +174,20 @@ def test_cpu_training_runs_matmuls_in_bf16_and_the_loss_in_fp32(corpus, tmp_path
     run_pretrain(corpus, tmp_path / "default", "--max_steps", "1")
     assert seen == {"loss": torch.float32, "proj": torch.float32}
     assert "(float32)" in capsys.readouterr().out
+
+
+def test_benchmark_times_the_real_loop_and_writes_nothing(corpus, tmp_path, capsys):
+    trainer = run_pretrain(corpus, tmp_path, "--benchmark", "3", "--benchmark_warmup", "2")
+    result = trainer.benchmark_result
+    assert result["steps"] == 3 and result["warmup_steps"] == 2 and result["tokens_per_s"] > 0
+    # the timed steps' tokens: 3 steps x batch 4 x 32 targets (+1 input each row: n_tokens counts inputs)
+    assert result["tokens_per_s"] * result["seconds"] == pytest.approx(3 * 4 * 32, rel=0.05)
+    assert trainer.step == 5 and not tmp_path.joinpath("pretrain").exists()
+    out = capsys.readouterr().out
+    assert "benchmark: " in out and "done: checkpoint" not in out
+
+
+def test_benchmark_longer_than_the_data_is_one_clear_error(corpus, tmp_path):
+    from minillm.errors import UserError
+    with pytest.raises(UserError, match="--benchmark_warmup 5000"):
+        run_pretrain(corpus, tmp_path, "--benchmark", "3", "--benchmark_warmup", "5000")
