@@ -13,7 +13,9 @@ of the cache happen only at these join/leave events (and when it runs out of col
 
 Each request's tokens go to an asyncio queue on the server's event loop; the HTTP side turns them
 into text (whole characters only), cuts stop strings, splits `<think>...</think>` out into
-reasoning_content and drops MiniMind2's `<answer>` tags.
+reasoning_content, drops MiniMind2's `<answer>` tags and, for a request with `tools`, cuts each
+`<tool_call>` block out of the content into OpenAI's `tool_calls` (finish_reason "tool_calls"). The
+client runs the tools and sends their results back as `tool` messages (MiniMind's serve_openai_api.py).
 """
 import asyncio
 import json
@@ -30,6 +32,10 @@ import torch
 from minillm.generate import SamplingParams, prefill, sample_next
 from minillm.model import KVCache, eval_mode
 from minillm.tokenizer import THINK_OFF_PREFILL
+from minillm.tools import CALL_CLOSE, CALL_OPEN, parse_call
+
+__all__ = ["APIError", "ChoiceText", "Engine", "ReasoningSplitter", "THINK_OFF_PREFILL", "ToolCallFilter",
+           "create_app", "model_ids", "parse_request", "split_reasoning", "thinking_switch"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_N = 16
@@ -277,8 +283,9 @@ class ReasoningSplitter:
     OPEN, CLOSE = "<think>", "</think>"
     CONTENT_TAGS = ("<answer>", "</answer>", "<think>", "</think>")
 
-    def __init__(self):
-        self.mode, self.buf = "start", ""
+    def __init__(self, opened: bool = False):
+        # opened: the prompt already opened the think block (open_thinking on), so the reply starts inside it
+        self.mode, self.buf = ("lead_reasoning" if opened else "start"), ""
 
     def feed(self, text: str, final: bool = False) -> tuple[str, str]:
         self.buf += text
@@ -327,14 +334,70 @@ def split_reasoning(text: str) -> tuple[str, str]:
     return ReasoningSplitter().feed(text, final=True)
 
 
-class ChoiceText:
-    """Token ids of one choice -> (reasoning, content) deltas, with the request's stop strings."""
+class ToolCallFilter:
+    """Streams content with its `<tool_call>` blocks cut out: the text between them passes on, each
+    well-formed block becomes a ToolCall in `calls` once closed, the blank space around it going with it;
+    a malformed or unclosed one passes on as the text the model wrote. A tag split across pieces
+    (and trailing blanks, which may precede a block) is held back until it is whole, so the pieces
+    join to what the whole text gives at once."""
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self):
+        self.buf, self.inside, self.after_call, self.calls = "", False, False, []
+        self.blanks = ""  # the blank space before the open block: dropped with a call, kept with text
+
+    def feed(self, text: str, final: bool = False) -> str:
+        self.buf += text
+        out = ""
+        while True:
+            if self.inside:
+                pos = self.buf.find(CALL_CLOSE)
+                if pos < 0:
+                    if not final:
+                        return out
+                    out, self.buf, self.inside = out + self.blanks + CALL_OPEN + self.buf, "", False  # never closed
+                    continue
+                raw, self.buf, self.inside = self.buf[:pos], self.buf[pos + len(CALL_CLOSE):], False
+                call = parse_call(raw.strip())
+                if call.error:
+                    out += self.blanks + CALL_OPEN + raw + CALL_CLOSE
+                else:
+                    self.calls.append(call)
+                    self.after_call = True
+                continue
+            if self.after_call:  # blank space after a call goes with it
+                self.buf = self.buf.lstrip()
+                if not self.buf and not final:
+                    return out
+                self.after_call = False
+            pos = self.buf.find(CALL_OPEN)
+            if pos >= 0:
+                text = self.buf[:pos].rstrip()
+                out, self.blanks = out + text, self.buf[len(text):pos]
+                self.buf, self.inside = self.buf[pos + len(CALL_OPEN):], True
+                continue
+            if final:
+                out, self.buf = out + self.buf, ""
+                return out
+            # hold a tag's start and the blanks before it: both go if a block follows
+            keep = self.buf[:len(self.buf) - _held_prefix(self.buf, (CALL_OPEN,))].rstrip()
+            out, self.buf = out + keep, self.buf[len(keep):]
+            return out
+
+
+class ChoiceText:
+    """Token ids of one choice -> (reasoning, content) deltas, with the request's stop strings; with
+    tools, the content's tool calls are collected in `calls`."""
+
+    def __init__(self, tokenizer, stop: list[str], tools: bool = False, think_opened: bool = False):
         self.tok, self.stop = tokenizer, stop
         self.ids, self.sent = [], 0  # characters of the raw text passed on
-        self.splitter = ReasoningSplitter()
+        self.splitter = ReasoningSplitter(opened=think_opened)
+        self.tool_filter = ToolCallFilter() if tools else None
         self.stopped = False
+
+    @property
+    def calls(self) -> list:
+        return self.tool_filter.calls if self.tool_filter else []
 
     def add(self, tok: int) -> tuple[str, str]:
         self.ids.append(tok)
@@ -358,7 +421,10 @@ class ChoiceText:
     def _pass(self, upto: str, final: bool = False):
         piece = upto[self.sent:] if len(upto) > self.sent else ""
         self.sent = max(self.sent, len(upto))
-        return self.splitter.feed(piece, final=final)
+        reasoning, content = self.splitter.feed(piece, final=final)
+        if self.tool_filter is not None:
+            content = self.tool_filter.feed(content, final=final)
+        return reasoning, content
 
 
 # ---- requests -----------------------------------------------------------------------------------
@@ -372,6 +438,8 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     stop: list[str] = field(default_factory=list)
+    tools: bool = False         # parse the replies' <tool_call> blocks into tool_calls
+    think_opened: bool = False  # the prompt ends inside an opened think block (open_thinking on)
 
 
 def _number(body, name, kind, default, lo=None, hi=None, lo_open=False):
@@ -419,9 +487,9 @@ def parse_request(body, tokenizer, config, model_ids: dict, default_max_tokens: 
         role, content = m.get("role"), m.get("content")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role {role!r} is not supported: use system, user or assistant "
-                                f"(tool messages are not supported)", f"messages[{i}].role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"messages[{i}].role {role!r} is not supported: use system, user, assistant or "
+                                f"tool", f"messages[{i}].role")
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
@@ -434,7 +502,14 @@ def parse_request(body, tokenizer, config, model_ids: dict, default_max_tokens: 
         msg = {"role": role, "content": content}
         if role == "assistant" and isinstance(m.get("reasoning_content"), str):
             msg["reasoning_content"] = m["reasoning_content"]
+        if role == "assistant" and m.get("tool_calls"):
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
         clean.append(msg)
+    tools = _tools(body)
+    if (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in clean)) and \
+            not getattr(tokenizer, "has_tool_tokens", False):
+        raise APIError(400, "this model's tokenizer has no <tool_call>/<tool_response> tokens: tools, tool calls "
+                            "and tool messages are not supported", "tools")
     temperature = _number(body, "temperature", float, 0.85, 0, 2)
     top_p = _number(body, "top_p", float, 0.85, 0, 1, lo_open=True)
     n = _number(body, "n", int, 1, 1, MAX_N)
@@ -456,9 +531,8 @@ def parse_request(body, tokenizer, config, model_ids: dict, default_max_tokens: 
     if not isinstance(stream_options, dict):
         raise APIError(400, "'stream_options' must be an object", "stream_options")
 
-    prompt = tokenizer.render_prompt(clean)
-    if thinking_switch(body, default_thinking) is False:
-        prompt = prompt + tokenizer.encode(THINK_OFF_PREFILL)
+    thinking = thinking_switch(body, default_thinking)
+    prompt = tokenizer.render_prompt(clean, tools=tools or None, open_thinking=thinking)
     room = limit - max_tokens
     if len(prompt) > room:
         if asked is None and len(prompt) < limit:  # no max_tokens asked: reply in the room left
@@ -473,7 +547,41 @@ def parse_request(body, tokenizer, config, model_ids: dict, default_max_tokens: 
                            "messages", "context_length_exceeded")
     params = [SamplingParams(max_tokens, temperature, 0, top_p, 1.0, tokenizer.stop_ids) for _ in range(n)]
     return ChatRequest(model, prompt, params, seed, n, bool(body.get("stream", False)),
-                       bool(stream_options.get("include_usage", False)), stop)
+                       bool(stream_options.get("include_usage", False)), stop, tools=bool(tools),
+                       think_opened=thinking is True)
+
+
+def _tools(body) -> list:
+    """The request's `tools` ([] when none, or with tool_choice "none"), checked: OpenAI's
+    {"type": "function", "function": {"name", "description", "parameters"}} objects."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise APIError(400, f"tool_choice {choice!r} is not supported: use \"auto\" (the model decides) or \"none\"",
+                       "tool_choice")
+    if tools is None or choice == "none":
+        return []
+    if not isinstance(tools, list):
+        raise APIError(400, "'tools' must be an array of {type: function, function: {name, parameters}}", "tools")
+    for j, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise APIError(400, f"tools[{j}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                                f"\"parameters\": {{...}}}}}}", f"tools[{j}]")
+    return tools
+
+
+def _tool_calls(calls, where: str) -> list:
+    """An assistant message's tool_calls as OpenAI sends them back (arguments as JSON text, rendered as
+    written, which is how the server returned them)."""
+    if not isinstance(calls, list):
+        raise APIError(400, f"{where} must be an array", where)
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                not isinstance(fn.get("arguments", "{}"), (str, dict)):
+            raise APIError(400, f"{where}[{j}] must be {{\"id\", \"type\": \"function\", \"function\": "
+                                f"{{\"name\", \"arguments\"}}}}", f"{where}[{j}]")
+    return calls
 
 
 # ---- the app ------------------------------------------------------------------------------------
@@ -569,12 +677,24 @@ def create_app(models: dict, tokenizer, max_batch: int = 32, default_max_tokens:
                     seqs[i].cancelled = True
             seqs.append(Seq(list(req.prompt), params, gen, emit, i, req.model))
         engine.submit(seqs)
-        texts = [ChoiceText(tokenizer, req.stop) for _ in seqs]
+        texts = [ChoiceText(tokenizer, req.stop, req.tools, req.think_opened) for _ in seqs]
+
+        def finish_reason(i, f):
+            return "tool_calls" if f == "stop" and texts[i].calls else f
+
+        def tool_calls(i, start=0):
+            """OpenAI's tool_calls of choice i from its start-th call on (with their index, for a stream)."""
+            out = []
+            for k, call in enumerate(texts[i].calls[start:], start):
+                call.id = call.id or f"call_{uuid.uuid4().hex[:24]}"
+                out.append({"index": k, **call.openai()})
+            return out
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
 
         async def events_until_done():
-            """(choice, reasoning delta, content delta, finish_reason or None, error or None) ..."""
-            left = set(range(req.n))
+            """(choice, reasoning delta, content delta, finish_reason or None, error or None) ..., also when
+            a token only closed a tool call (texts[i].calls grew)"""
+            left, n_calls = set(range(req.n)), [0] * req.n
             while left:
                 i, (kind, value) = await events.get()
                 if i not in left:
@@ -585,7 +705,8 @@ def create_app(models: dict, tokenizer, max_batch: int = 32, default_max_tokens:
                         seqs[i].cancelled = True
                         left.discard(i)
                         yield i, r, c, "stop", None
-                    elif r or c:
+                    elif r or c or len(texts[i].calls) > n_calls[i]:
+                        n_calls[i] = len(texts[i].calls)
                         yield i, r, c, None, None
                 elif kind == "end":
                     r, c = texts[i].finish()
@@ -617,7 +738,11 @@ def create_app(models: dict, tokenizer, max_batch: int = 32, default_max_tokens:
                 message = {"role": "assistant", "content": content[i]}
                 if reasoning[i]:
                     message["reasoning_content"] = reasoning[i]
-                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish[i]})
+                if texts[i].calls:  # OpenAI's shape: content null when the reply is calls only
+                    message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls(i)]
+                    message["content"] = content[i] or None
+                choices.append({"index": i, "message": message, "logprobs": None,
+                                "finish_reason": finish_reason(i, finish[i])})
             return {**base, "object": "chat.completion", "choices": choices, "usage": usage()}
 
         def chunk(choices, **extra):
@@ -631,6 +756,7 @@ def create_app(models: dict, tokenizer, max_batch: int = 32, default_max_tokens:
                 for i in range(req.n):
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
+                calls_sent = [0] * req.n
                 async for i, r, c, f, err in events_until_done():
                     if err:
                         e = APIError(500, err, type="server_error", code="engine_error")
@@ -641,10 +767,13 @@ def create_app(models: dict, tokenizer, max_batch: int = 32, default_max_tokens:
                         delta["reasoning_content"] = r
                     if c:
                         delta["content"] = c
+                    if len(texts[i].calls) > calls_sent[i]:  # each call as soon as its block is closed
+                        delta["tool_calls"] = tool_calls(i, calls_sent[i])
+                        calls_sent[i] = len(texts[i].calls)
                     if delta:
                         yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
                     if f:
-                        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": f}])
+                        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason(i, f)}])
                 if req.include_usage:
                     yield chunk([], usage=usage())
                 yield "data: [DONE]\n\n"

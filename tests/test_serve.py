@@ -23,8 +23,8 @@ from minillm.config import ModelConfig  # noqa: E402
 from minillm.generate import generate  # noqa: E402
 from minillm.lora import apply_lora, load_lora, save_lora  # noqa: E402
 from minillm.model import MiniLLM  # noqa: E402
-from minillm.serve import THINK_OFF_PREFILL, ReasoningSplitter, create_app, split_reasoning  # noqa: E402
-from minillm.tokenizer import Tokenizer  # noqa: E402
+from minillm.serve import ChoiceText, ReasoningSplitter, ToolCallFilter, create_app, split_reasoning  # noqa: E402
+from minillm.tokenizer import THINK_OFF_PREFILL, THINK_ON_PREFILL, Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -211,14 +211,20 @@ def test_reasoning_is_split_out(env):
     assert r.choices[0].finish_reason == "stop"
     assert stream_text(client, model=THINK, messages=messages, temperature=0, max_tokens=20)[:3] == (
         reasoning, content, "stop")
-    # the thinking switch prefills the empty think block, as eval_model's /think off
-    extra = len(tok.encode(THINK_OFF_PREFILL))
-    on = r.usage.prompt_tokens
-    for body in ({"open_thinking": False}, {"chat_template_kwargs": {"enable_thinking": False}}):
-        off = client.chat.completions.create(model=THINK, messages=messages, max_tokens=4, extra_body=body)
-        assert off.usage.prompt_tokens == on + extra
-    assert client.chat.completions.create(model=THINK, messages=messages, max_tokens=4,
-                                          extra_body={"open_thinking": True}).usage.prompt_tokens == on
+    # the thinking switch (MiniMind's open_thinking): off prefills the empty think block, as eval_model's
+    # /think off; on opens one; not given, the model decides (no prefill)
+    plain = r.usage.prompt_tokens
+    for body, prefill in (({"open_thinking": False}, THINK_OFF_PREFILL),
+                          ({"chat_template_kwargs": {"enable_thinking": False}}, THINK_OFF_PREFILL),
+                          ({"open_thinking": True}, THINK_ON_PREFILL),
+                          ({"chat_template_kwargs": {"open_thinking": True}}, THINK_ON_PREFILL)):
+        got = client.chat.completions.create(model=THINK, messages=messages, max_tokens=4, extra_body=body)
+        assert got.usage.prompt_tokens == plain + len(tok.encode(prefill))
+    # thinking on: the reply starts inside the opened block, so what comes before </think> is reasoning
+    ids = tok.encode("step one</think>\n\nThe answer.")
+    text = ChoiceText(tok, [], think_opened=True)
+    pieces = [text.add(i) for i in ids] + [text.finish()]
+    assert ("".join(p[0] for p in pieces), "".join(p[1] for p in pieces)) == ("step one", "The answer.")
 
 
 def test_splitter_handles_tags_split_anywhere():
@@ -365,3 +371,108 @@ def test_cli_errors_are_one_line(tmp_path):
                            timeout=60)
         assert p.returncode == 2, p.stderr
         assert p.stderr.startswith("error:") and len(p.stderr.strip().splitlines()) == 1
+
+
+# ---- tool calls -----------------------------------------------------------------------------------------
+TOOLS = [{"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
+                                           "parameters": {"type": "object", "properties": {
+                                               "expression": {"type": "string"}}, "required": ["expression"]}}}]
+CALL_REPLY = 'Let me compute.\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n</tool_call>'
+
+
+@pytest.fixture
+def scripted_replies(env, monkeypatch):
+    """Every row of the THINK model writes `script[0]` (then <|im_end|>), whatever its logits: the engine's
+    sampler is handed logits that allow only the next scripted token (Seq.produced counts the row's tokens)."""
+    engine, tok, script = env["engine"], env["tok"], []
+    original = engine._sample
+
+    def sample(seqs, logits):
+        logits = logits.clone()
+        ids = tok.encode(script[0]) + [tok.im_end_id]
+        for i, s in enumerate(seqs):
+            if s.model == THINK:
+                logits[i] = float("-inf")
+                logits[i, ids[min(s.produced, len(ids) - 1)]] = 0.0
+        return original(seqs, logits)
+
+    monkeypatch.setattr(engine, "_sample", sample)
+    return script
+
+
+def test_tool_calls_come_back_in_openai_shape_streamed_and_not(env, scripted_replies):
+    client, tok = env["client"], env["tok"]
+    scripted_replies.append(CALL_REPLY)
+    messages = [{"role": "user", "content": "What is 2+3?"}]
+    r = client.chat.completions.create(model=THINK, messages=messages, tools=TOOLS, temperature=0, max_tokens=64)
+    assert r.usage.prompt_tokens == len(tok.render_prompt(messages, tools=TOOLS))  # the schemas are in the prompt
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me compute."
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "calculator"
+    assert json.loads(call.function.arguments) == {"expression": "2+3"}
+
+    streamed, content, finish = {}, "", None
+    for chunk in client.chat.completions.create(model=THINK, messages=messages, tools=TOOLS, temperature=0,
+                                                max_tokens=64, stream=True):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for tc in delta.tool_calls or []:  # as an OpenAI client accumulates them
+            slot = streamed.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
+            slot["id"] += tc.id or ""
+            slot["name"] += tc.function.name or ""
+            slot["arguments"] += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert (content, finish, list(streamed)) == ("Let me compute.", "tool_calls", [0])
+    assert streamed[0]["name"] == "calculator" and json.loads(streamed[0]["arguments"]) == {"expression": "2+3"}
+
+    # the client runs the tool and sends the call and its result back: the server renders them as the
+    # tokenizer does (the call's arguments exactly as it returned them)
+    scripted_replies[0] = "2+3 is 5."
+    back = messages + [choice.message.model_dump(exclude_none=True),
+                       {"role": "tool", "tool_call_id": call.id, "content": '{"result": 5}'}]
+    r2 = client.chat.completions.create(model=THINK, messages=back, tools=TOOLS, temperature=0, max_tokens=64)
+    assert (r2.choices[0].message.content, r2.choices[0].finish_reason) == ("2+3 is 5.", "stop")
+    assert not r2.choices[0].message.tool_calls
+    rendered = messages + [{"role": "assistant", "content": "Let me compute.", "tool_calls": [
+        {"name": "calculator", "arguments": call.function.arguments}]}, {"role": "tool", "content": '{"result": 5}'}]
+    assert r2.usage.prompt_tokens == len(tok.render_prompt(rendered, tools=TOOLS))
+    assert '<tool_response>\n{"result": 5}\n</tool_response>' in tok.decode(tok.render_prompt(rendered, tools=TOOLS))
+
+
+def test_malformed_tool_calls_stay_text_and_requests_are_checked(env, scripted_replies):
+    client = env["client"]
+    scripted_replies.append('<tool_call>{"name": oops}</tool_call>')
+    messages = [{"role": "user", "content": "hi"}]
+    r = client.chat.completions.create(model=THINK, messages=messages, tools=TOOLS, temperature=0, max_tokens=32)
+    assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
+    assert r.choices[0].message.content == '<tool_call>{"name": oops}</tool_call>'  # what the model wrote
+    # without tools (or with tool_choice "none") nothing is parsed and the schemas are not shown
+    scripted_replies[0] = CALL_REPLY
+    r = client.chat.completions.create(model=THINK, messages=messages, tools=TOOLS, tool_choice="none",
+                                       temperature=0, max_tokens=64)
+    assert r.choices[0].message.content == CALL_REPLY and r.choices[0].finish_reason == "stop"
+    for bad, param in (({"tools": [{"type": "function"}]}, "tools[0]"), ({"tools": "calculator"}, "tools"),
+                       ({"tool_choice": "required", "tools": TOOLS}, "tool_choice"),
+                       ({"messages": messages + [{"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}]},
+                        "messages[1].tool_calls[0]")):
+        body = {"model": THINK, "messages": messages, **bad}
+        got = httpx.post(env["url"] + "/v1/chat/completions", json=body)
+        assert got.status_code == 400 and got.json()["error"]["param"] == param, got.text
+
+
+@pytest.mark.parametrize("text, content, names", [
+    (CALL_REPLY, "Let me compute.", ["calculator"]),
+    ('<tool_call>{"name": "a", "arguments": {}}</tool_call>\n\n<tool_call>{"name": "b"}</tool_call>\n\nDone.',
+     "Done.", ["a", "b"]),
+    ('Text <tool_call>{"name": bad}</tool_call> more', 'Text <tool_call>{"name": bad}</tool_call> more', []),
+    ('Half <tool_call>{"name": "a"', 'Half <tool_call>{"name": "a"', []),  # never closed
+    ("a < b <tool and <tool_call x\n", "a < b <tool and <tool_call x\n", []),
+])
+def test_tool_call_filter_gives_the_same_pieces_in_any_split(text, content, names):
+    for size in (len(text), 1, 2, 5):
+        f, got = ToolCallFilter(), ""
+        for i in range(0, len(text), size):
+            got += f.feed(text[i:i + size])
+        got += f.feed("", final=True)
+        assert (got, [c.name for c in f.calls]) == (content, names), size
