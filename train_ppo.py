@@ -327,6 +327,7 @@ def main(argv=None, reward_fn=None):
 
     # the policy, its reference, and the critic
     policy = stage.model.to(device)
+    critic = ValueModel.from_policy(policy)  # from the SFT weights, before any adapter goes in
     lora_params = None
     if args.use_lora:
         lora_params = apply_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets,
@@ -338,7 +339,6 @@ def main(argv=None, reward_fn=None):
     else:
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
         reference = ref_model
-    critic = ValueModel.from_policy(policy)
     model = PolicyAndValue(policy, critic, args.kl_coef).to(device)
     stage.model = model
     params = (list(lora_params) + list(critic.parameters())) if lora_params is not None else None

@@ -344,3 +344,16 @@ def test_bad_flags_are_clear_errors(sft_checkpoint):
         train_ppo.main(_argv(sft_checkpoint, "--temperature", "0"), reward_fn=low_ids)
     with pytest.raises(UserError, match="unknown reward"):
         train_ppo.main(_argv(sft_checkpoint, "--rewards", "answr"))
+
+
+def test_lora_policy_saves_the_adapter_and_keeps_the_base(sft_checkpoint):
+    trainer = train_ppo.main(_argv(sft_checkpoint, "--save_weight", "lora", "--max_steps", "1", "--use_lora", "1",
+                                   "--learning_rate", "1e-2"), reward_fn=low_ids)
+    folder = sft_checkpoint / "out" / "lora"
+    assert (folder / "adapter.safetensors").is_file() and not (folder / "model.safetensors").exists()
+    others = load_trainer_state(folder)["other_tensors"]
+    assert any(k.startswith("value_model.") for k in others) and not any(k.startswith("policy.") for k in others)
+    start, _ = load_checkpoint(sft_checkpoint / "sft")
+    base = {k: v for k, v in trainer.model.policy.state_dict().items() if "lora_" not in k}
+    for name, value in start.state_dict().items():  # the reference (adapter off) is the starting model
+        assert torch.equal(base[name], value), name
