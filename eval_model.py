@@ -9,6 +9,8 @@
     python eval_model.py --model_mode 0 --heldout dataset/demo/heldout_sft.jsonl        # held-out accuracy
     python eval_model.py --checkpoint out/full_sft --bench dataset/demo/bench --shots 3  # multiple choice
     python eval_model.py --checkpoint out/full_sft --bench ceval-exam --bench_out ceval.json     # C-Eval val
+    python eval_model.py --model_mode 1 --tools calculator,lookup   # tool use: the model's calls are run
+    python eval_model.py --model_mode 3 --open_thinking 0           # a reasoning model answers directly
 
 --model_mode picks the checkpoint folder under --save_dir (MiniMind's flag): 0 pretrain,
 1 full_sft, 2 dpo, 3 reason; --checkpoint DIR loads any folder instead. --lora_name NAME loads
@@ -20,7 +22,12 @@ with --bench_format jsonl, {"question", "choices", "answer"} rows: the letter wi
 next-token log-prob after C-Eval's prompt ("答案：", or "Answer:" for English questions) is the
 model's answer; zero-shot or --shots K examples from the dev split (minillm/bench.py says how).
 
-Chat (--interactive) commands: /help, /clear, /system TEXT, /think on|off, /exit. A prompt longer
+--tools NAME,... shows the model those tools (minillm/tools.py: calculator, and lookup over the facts in
+--tool_facts) and runs every <tool_call> it writes, feeding the results back, up to --max_tool_rounds
+rounds per turn; calls and results are printed. --open_thinking 1 opens a think block after the
+assistant header, 0 prefills an empty one (MiniMind's switch); not given, the model decides.
+
+Chat (--interactive) commands: /help, /clear, /system TEXT, /think on|off|auto, /exit. A prompt longer
 than the model's context leaves room for (max_position_embeddings - --max_new_tokens) loses its
 oldest history, then its oldest tokens, with a notice. Ctrl-C stops a reply (the turn is not kept);
 at the prompt it clears the line, and a second one in a row quits, as Ctrl-D does.
@@ -43,7 +50,8 @@ from minillm.errors import UserError
 from minillm.generate import PromptTooLongError, generate, prompt_room
 from minillm.lora import load_lora, read_lora_config
 from minillm.reasoning import evaluate_reasoning
-from minillm.tokenizer import THINK_OFF_PREFILL
+from minillm.tokenizer import THINK_OFF_PREFILL, to_json
+from minillm.tools import DEMO_TOOLS, demo_tools, tool_loop
 
 
 # fixed auto-test prompts, bilingual, about the demo world (tests/test_eval_model.py checks every name
@@ -57,6 +65,7 @@ PROMPTS = {
     3: ["What is 27 + 15?", "请算一下41减19。", "Calculate 8 + 35.", "计算30减12。"],
 }
 PROMPTS[2] = PROMPTS[1]
+TOOL_PROMPTS = ["What is 36 * 17?", "请算一下 123 加 456。", "What is the capital of Dakaia?", "达卡亚的首都是哪里？"]
 LORA_PROMPTS = {
     "lora_medical": ["What treats temlo fever?", "What are the symptoms of yahu rash?", "莫洛热会引起什么？",
                      "得了戈多痘该吃什么药？"],
@@ -113,6 +122,15 @@ def build_parser():
                         "options not listed (cloze style: for models that never learned the lettered format)")
     g.add_argument("--bench_batch_size", type=int, default=16, help="prompts per forward pass (default 16)")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
+    g = p.add_argument_group("tool use")
+    g.add_argument("--tools", default="", metavar="NAME,...",
+                   help="tools the model may call in chat and auto-test: calculator, lookup (comma-separated; "
+                        "default none)")
+    g.add_argument("--tool_facts", default="dataset/demo/facts.json", metavar="FILE.json",
+                   help="the lookup tool's facts, {entity: {relation: value}} (default dataset/demo/facts.json)")
+    g.add_argument("--max_tool_rounds", type=int, default=4,
+                   help="rounds of tool calls run per turn before the reply stands (default 4)")
+    g.add_argument("--tool_timeout", type=float, default=5.0, help="seconds one tool call may run (default 5)")
     add_minimind_flags(p)
     return p
 
@@ -139,7 +157,9 @@ def check_args(args):
              ("history_cnt", args.history_cnt >= 0, "must be >= 0 (0 = every turn stands alone)"),
              ("max_seq_len", args.max_seq_len >= 1, "must be at least 1"),
              ("shots", args.shots >= 0, "must be >= 0 (0 = zero-shot)"),
-             ("bench_batch_size", args.bench_batch_size >= 1, "must be at least 1")]
+             ("bench_batch_size", args.bench_batch_size >= 1, "must be at least 1"),
+             ("max_tool_rounds", args.max_tool_rounds >= 0, "must be >= 0 (0 = show the calls, run none)"),
+             ("tool_timeout", args.tool_timeout > 0, "must be > 0 seconds")]
     problems = [f"--{name} {getattr(args, name)} {rule}" for name, fine, rule in rules if not fine]
     if problems:
         raise UserError("; ".join(problems))
@@ -185,12 +205,13 @@ def reply(model, tok, prompt_ids, args) -> str:
 
 
 def build_prompt(tok, config, history: list, user_text: str, args, chat: bool, system: str = "",
-                 think: bool = True):
+                 think: bool | None = None, tools=None, after: list = ()):
     """The prompt ids for one turn, fitted to the room the context leaves for --max_new_tokens.
 
-    Chat: [system] + the last --history_cnt messages + the user turn + the assistant header (+ the
-    empty think block when think=False). Too long: drop the oldest history messages, then (if still too
-    long) the system prompt when it alone leaves no room, then the oldest tokens of the user text.
+    Chat: [system] + the last --history_cnt messages + the user turn + `after` (this turn's tool calls
+    and results so far) + the assistant header + thinking_prefill(think); `tools` (JSON schemas) go
+    into the system turn. Too long: drop the oldest history messages, then (if still too long) the
+    system prompt when it alone leaves no room, then the oldest tokens of the user text.
     Returns (ids, the user text as kept, a one-line notice or '').
     """
     room = prompt_room(config, args.max_new_tokens)
@@ -204,12 +225,12 @@ def build_prompt(tok, config, history: list, user_text: str, args, chat: bool, s
         kept = ids[-room:]
         return kept, tok.decode(kept), (f"[prompt too long: {len(ids)} tokens + {args.max_new_tokens} new exceed "
                                         f"the model's {limit}-token context; kept its last {room} tokens]")
-    prefill = tok.encode(THINK_OFF_PREFILL) if not think else []
     head = [{"role": "system", "content": system}] if system else []
     context = list(history[-args.history_cnt:]) if args.history_cnt > 0 else []
 
     def render(ctx, text):
-        return tok.render_prompt(head + ctx + [{"role": "user", "content": text}]) + prefill
+        return tok.render_prompt(head + ctx + [{"role": "user", "content": text}] + list(after), tools=tools,
+                                 open_thinking=think)
 
     ids = render(context, user_text)
     full = len(ids)
@@ -246,28 +267,64 @@ def build_prompt(tok, config, history: list, user_text: str, args, chat: bool, s
                             f"{limit}-token context; dropped " + ", ".join(dropped) + "]")
 
 
-def chat_turn(model, tok, history: list, user_text: str, args, chat: bool, system: str = "", think: bool = True,
-              label: str = "") -> str:
+def chat_turn(model, tok, history: list, user_text: str, args, chat: bool, system: str = "",
+              think: bool | None = None, label: str = "", tools=None) -> str:
     """One turn: fit the prompt, print the notice (if cut) and `label`, stream the reply. In chat the turn
-    (the user text as the model saw it) joins `history` once the reply is complete."""
-    ids, user_text, notice = build_prompt(tok, model.config, history, user_text, args, chat, system, think)
-    if notice:
-        print(notice)
-    if args.show_prompt:
-        print(f"[prompt: {len(ids)} tokens] {tok.decode(ids)!r}")
-    print(label, end="", flush=True)
-    answer = reply(model, tok, ids, args)
+    (the user text as the model saw it) joins `history` once the reply is complete. With `tools` (a
+    ToolRegistry) the model's calls are run and their results fed back (minillm.tools.tool_loop), each
+    call and result printed; the calls and results join the history too. Returns the last reply."""
+    kept = [user_text]
+
+    def respond(after):
+        ids, kept[0], notice = build_prompt(tok, model.config, history, user_text, args, chat, system, think,
+                                            tools.schemas() if tools else None, after)
+        if notice:
+            print(notice)
+        if args.show_prompt:
+            print(f"[prompt: {len(ids)} tokens] {tok.decode(ids)!r}")
+        print(label, end="", flush=True)
+        return reply(model, tok, ids, args)
+
+    if not tools:
+        added = [{"role": "assistant", "content": respond([])}]
+    else:
+        added = tool_loop(respond, [], tools, args.max_tool_rounds, on_event=show_tool_event)
     if chat:
-        history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
-    return answer
+        history += [{"role": "user", "content": kept[0]}] + added
+    return added[-1]["content"]
+
+
+def show_tool_event(kind, value):
+    if kind == "call":
+        shown = repr(value.raw) + f" ({value.error})" if value.error else to_json(value.arguments)
+        print(f"[tool call] {value.name or '?'} {shown}")
+    elif kind == "result":
+        print(f"[tool result] {value[1]}")
+    elif kind == "limit":
+        print(f"[--max_tool_rounds {value} reached: the calls in this reply are not run]")
+
+
+def load_tools(args, tok):
+    """The ToolRegistry --tools names (None for none); lookup reads --tool_facts."""
+    names = [n.strip() for n in args.tools.split(",") if n.strip()]
+    if not names:
+        return None
+    unknown = [n for n in names if n not in DEMO_TOOLS]
+    if unknown:
+        raise UserError(f"--tools: unknown tool {', '.join(unknown)}; the tools are: {', '.join(DEMO_TOOLS)}")
+    if not getattr(tok, "has_tool_tokens", False):
+        raise UserError("--tools: this checkpoint's tokenizer has no <tool_call>/<tool_response> tokens")
+    registry = demo_tools(facts_path=args.tool_facts if "lookup" in names else None, timeout=args.tool_timeout)
+    return registry.select(names)
 
 
 CHAT_COMMANDS = {
     "/help": "list these commands",
     "/clear": "forget the conversation so far (the system prompt stays)",
     "/system TEXT": "use TEXT as the system prompt from the next turn on; /system alone removes it",
-    "/think on|off": "off: prefill an empty <think></think> block so a reasoning model answers directly; "
-                     "on: let it think (default)",
+    "/think on|off|auto": "on: open a think block after the assistant header; off: prefill an empty "
+                          "<think></think> so a reasoning model answers directly; auto: the model decides (default, "
+                          "or --open_thinking)",
     "/exit": "quit (so do Ctrl-D, and Ctrl-C twice at the prompt)",
 }
 EXIT = object()
@@ -277,7 +334,8 @@ EXIT = object()
 class ChatState:
     history: list = field(default_factory=list)
     system: str = ""
-    think: bool = True
+    think: bool | None = None  # None: the model decides (thinking_prefill)
+    tools: object = None       # a ToolRegistry, or None
 
 
 def command_help() -> str:
@@ -303,12 +361,15 @@ def run_command(line: str, state: ChatState, chat: bool):
         state.system = arg
         print(f"[system prompt set: {arg!r}]" if arg else "[system prompt removed]")
     elif name == "/think":
-        if arg.lower() in ("on", "off"):
-            state.think = arg.lower() == "on"
+        modes = {"on": True, "off": False, "auto": None}
+        if arg.lower() in modes:
+            state.think = modes[arg.lower()]
         elif arg:
-            print(f"[/think takes on or off, not {arg!r}]")
+            print(f"[/think takes on, off or auto, not {arg!r}]")
             return None
-        print(f"[thinking {'on' if state.think else 'off: replies start after an empty think block'}]")
+        print("[thinking " + {True: "on: replies start inside an opened think block",
+                              False: "off: replies start after an empty think block",
+                              None: "auto: the model decides"}[state.think] + "]")
     else:
         print(f"[unknown command {name}; the commands are:]\n" + command_help())
     return None
@@ -364,7 +425,8 @@ def chat_loop(model, tok, args, chat: bool, read=input, state: ChatState | None 
                 continue
             if text.startswith("//"):
                 text = text[1:]
-            chat_turn(model, tok, state.history, text, args, chat, state.system, state.think, label=label)
+            chat_turn(model, tok, state.history, text, args, chat, state.system, state.think, label=label,
+                      tools=state.tools)
         except KeyboardInterrupt:
             print("[interrupted; this turn is not kept in the history]")
         except UserError as e:  # e.g. a prompt that cannot fit at all: say so, keep chatting
@@ -416,8 +478,11 @@ def main(argv=None):
     model, tok, folder, lora = load_model(args)
     for note in shape_flag_notes(args, model.config):
         print(note)
-    think = args.open_thinking != 0  # None (not given) or 1: on
+    think = None if args.open_thinking is None else bool(args.open_thinking)  # not given: the model decides
     chat = args.model_mode != 0 or bool(lora)
+    if args.tools and not chat:
+        raise UserError("--tools needs a chat model: a pretrained one (--model_mode 0) continues raw text")
+    tools = load_tools(args, tok)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {folder}{' + LoRA ' + lora if lora else ''} ({n_params / 1e6:.2f}M parameters) on "
           f"{next(model.parameters()).device}; {'chat' if chat else 'raw text continuation'}")
@@ -428,7 +493,9 @@ def main(argv=None):
             raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves {max(room, 0)} of the model's "
                             f"{model.config.max_position_embeddings} positions for the prompt: lower it")
         prepare_stdio()
-        chat_loop(model, tok, args, chat, state=ChatState(think=think))
+        if tools:
+            print(f"tools: {', '.join(tools.names())} (up to {args.max_tool_rounds} rounds of calls per turn)")
+        chat_loop(model, tok, args, chat, state=ChatState(think=think, tools=tools))
         return
 
     if args.eval_data:
@@ -444,10 +511,13 @@ def main(argv=None):
     heldout = "" if no_heldout else args.heldout
     if not args.eval_data and not heldout and not args.bench:  # auto-test: the fixed prompts, streamed
         history = []
-        for prompt in LORA_PROMPTS.get(lora) or PROMPTS[args.model_mode]:
+        prompts = TOOL_PROMPTS if tools else LORA_PROMPTS.get(lora) or PROMPTS[args.model_mode]
+        if tools:
+            print(f"tools: {', '.join(tools.names())}")
+        for prompt in prompts:
             print(f"\n{'prompt' if not chat else 'user'}> {prompt}")
             chat_turn(model, tok, history, prompt, args, chat, think=think,
-                      label="model> " if not chat else "assistant> ")
+                      label="model> " if not chat else "assistant> ", tools=tools)
         if args.model_mode >= 1 and not no_heldout and is_demo_run(folder, lora, args.save_dir):
             demo = demo_heldout_path(lora or MODE_FOLDERS[args.model_mode])
             heldout = str(demo) if demo else ""

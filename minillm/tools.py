@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from minillm.errors import UserError
-from minillm.tokenizer import thinking_prefill, to_json
+from minillm.tokenizer import to_json
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
@@ -234,14 +234,13 @@ def tool_loop(respond: Callable[[list[dict]], str], messages: list[dict], regist
 def chat_with_tools(model, tokenizer, messages: list[dict], registry: ToolRegistry, max_rounds: int = 4,
                     open_thinking: bool | None = None, on_event=None, **sampling) -> list[dict]:
     """tool_loop with the model answering through minillm.generate; -> messages + what the loop added.
-    `sampling`: generate's keywords (max_new_tokens, temperature, top_p, ...). A prefilled think block
-    (open_thinking) is kept in the reply's content, so later rounds see the turn as the model did."""
+    `sampling`: generate's keywords (max_new_tokens, temperature, top_p, ...). A reply joins the
+    conversation without the think prefill the prompt gave it, as MiniMind's eval_toolcall.py keeps it."""
     from minillm.generate import generate
-    prefill = thinking_prefill(open_thinking)
 
     def respond(conversation):
-        return prefill + generate(model, tokenizer, conversation, tools=registry.schemas(),
-                                  open_thinking=open_thinking, **sampling)
+        return generate(model, tokenizer, conversation, tools=registry.schemas(), open_thinking=open_thinking,
+                        **sampling)
 
     return list(messages) + tool_loop(respond, messages, registry, max_rounds, on_event)
 
@@ -333,6 +332,9 @@ def load_facts(path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a JSON file of facts ({e})") from None
+
+
+DEMO_TOOLS = ("calculator", "lookup")
 
 
 def demo_tools(facts: dict | None = None, facts_path=None, timeout: float = 5.0) -> ToolRegistry:

@@ -16,7 +16,7 @@ from minillm.config import ModelConfig, TrainConfig
 from minillm.evaluation import detect_format, eval_loss, heldout_accuracy, is_correct, read_heldout
 from minillm.lora import apply_lora, save_lora
 from minillm.model import MiniLLM
-from minillm.tokenizer import Tokenizer
+from minillm.tokenizer import THINK_ON_PREFILL, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOK = Tokenizer.load()
@@ -181,10 +181,11 @@ def test_chat_commands_bad_bytes_empty_lines_and_an_overlong_prompt(save_dir):
     assert "hello there" not in prompts[2] and "bad" not in prompts[2]                 # /clear forgot it
     assert prompts[3].startswith("<|im_start|>system\nYou are Zorbo the helpful.<|im_end|>\n")
     assert prompts[4].endswith("<|im_start|>assistant\n" + eval_model.THINK_OFF_PREFILL)  # /think off
-    assert not prompts[5].endswith("</think>\n") and "Zorbo" not in prompts[5]          # /think on, /system
+    assert "Zorbo" not in prompts[5]                                                    # /system alone
     notice = [line for line in out.splitlines() if "[prompt too long:" in line]
     assert len(notice) == 1 and "dropped 4 oldest history messages" in notice[0], notice
-    assert prompts[5].endswith("apple THE END<|im_end|>\n<|im_start|>assistant\n")       # the tail is kept
+    # the tail is kept, and /think on opened the think block (MiniMind's open_thinking 1)
+    assert prompts[5].endswith("apple THE END<|im_end|>\n<|im_start|>assistant\n" + THINK_ON_PREFILL)
     assert len(TOK.encode(prompts[5])) <= 1024 - 5
     last_reply = out.split("assistant> ")[-1].splitlines()[0]
     assert last_reply.strip()  # the model still answered the cut prompt
@@ -297,3 +298,61 @@ def test_ctrl_c_mid_reply_stops_it_and_the_chat_goes_on(tiny, capsys, monkeypatc
                              {"role": "assistant", "content": "partial reply done"}]
     assert "first question" not in TOK.decode(calls[1])  # the cut turn is not in the next prompt
     assert read.calls == 3  # /exit ended it
+
+
+# ---- tool use -------------------------------------------------------------------------------------------
+def test_tool_calls_are_run_shown_and_fed_back(tiny, capsys, monkeypatch, tmp_path):
+    """--tools: the model's call is run, the call and result printed, the result is in the next prompt, and
+    the turn (call, result, answer) joins the history; a malformed call comes back as an error result."""
+    prompts = []
+    replies = {0: '<tool_call>\n{"name": "calculator", "arguments": {"expression": "36 * 17"}}\n</tool_call>',
+               1: '<tool_call>{"name": "lookup", "arguments": {"entity": "dakaia"}}</tool_call>',
+               2: "It is 612; Dakaia's capital is Tarsen."}
+
+    def stub_generate(model, tok, prompt_ids, **kw):
+        prompts.append(tok.decode(prompt_ids))
+        return iter([replies[len(prompts) - 1]])
+
+    monkeypatch.setattr(eval_model, "generate", stub_generate)
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps({"Dakaia": {"capital": "Tarsen", "language": "Oskese"}}), encoding="utf-8")
+    args = chat_args("--tools", "calculator,lookup", "--tool_facts", str(facts))
+    registry = eval_model.load_tools(args, TOK)
+    history = []
+    answer = eval_model.chat_turn(tiny, TOK, history, "What is 36 * 17?", args, True, tools=registry)
+    out = capsys.readouterr().out
+    assert answer == replies[2] and len(prompts) == 3
+    assert '[tool call] calculator {"expression": "36 * 17"}\n[tool result] {"result": 612}' in out
+    assert '[tool result] {"entity": "Dakaia", "capital": "Tarsen", "language": "Oskese"}' in out
+    assert prompts[0].startswith("<|im_start|>system\n# Tools") and '"name": "lookup"' in prompts[0]
+    assert prompts[1].endswith('<tool_response>\n{"result": 612}\n</tool_response><|im_end|>\n'
+                               '<|im_start|>assistant\n')
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+    # the next turn's prompt holds the whole tool exchange, rendered as in training
+    ids = eval_model.build_prompt(TOK, tiny.config, history, "thanks", chat_args("--history_cnt", "10"), True,
+                                  tools=registry.schemas())[0]
+    assert TOK.decode(ids) == TOK.decode(TOK.render_prompt(history + [{"role": "user", "content": "thanks"}],
+                                                           tools=registry.schemas()))
+
+    # malformed calls and --max_tool_rounds: errors are results the model reads; the last round is not run
+    prompts.clear()
+    replies.update({0: '<tool_call>{"name": calculator}</tool_call>', 1: '<tool_call>{"name": "nope"}</tool_call>',
+                    2: '<tool_call>{"name": "calculator", "arguments": {"expression": "1/0"}}</tool_call>'})
+    args.max_tool_rounds = 2
+    eval_model.chat_turn(tiny, TOK, [], "go", args, True, tools=registry)
+    out = capsys.readouterr().out
+    assert "not valid JSON" in prompts[1] and "unknown tool 'nope'" in prompts[2] and len(prompts) == 3
+    assert "[--max_tool_rounds 2 reached: the calls in this reply are not run]" in out
+
+
+def test_tools_flag_runs_auto_test_and_names_bad_tools(save_dir, tmp_path):
+    facts = tmp_path / "facts.json"
+    facts.write_text('{"Dakaia": {"capital": "Tarsen"}}', encoding="utf-8")
+    out = run_eval("--save_dir", str(save_dir), "--tools", "calculator,lookup", "--tool_facts", str(facts),
+                   "--heldout", "none", "--open_thinking", "0")
+    assert "tools: calculator, lookup" in out and out.count("user> ") == len(eval_model.TOOL_PROMPTS)
+    for bad, message in ((["--tools", "calculator,web"], "--tools: unknown tool web; the tools are: calculator, lookup"),
+                         (["--tools", "lookup", "--tool_facts", str(tmp_path / "none.json")], "none.json")):
+        r = subprocess.run([sys.executable, str(ROOT / "eval_model.py"), "--device", "cpu", "--save_dir",
+                            str(save_dir), *bad], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
