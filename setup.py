@@ -33,8 +33,9 @@ setup(
         # never imported on the training path
         "hf": HF,
         # the test suite checks export and import against these, the server with the official openai
-        # client and the chat page in a real browser (selenium driving the system's chromium)
-        "dev": ["pytest>=7", *HF, *SERVE, "openai>=1.30", "httpx>=0.27", "selenium>=4.20"],
+        # client, the chat page in a real browser (selenium driving the system's chromium), and the
+        # preference and reward losses against TRL's own (CPO/ORPO live in trl.experimental since 0.26)
+        "dev": ["pytest>=7", *HF, *SERVE, "openai>=1.30", "httpx>=0.27", "selenium>=4.20", "trl>=0.26"],
         # serve_openai_api.py: the OpenAI-compatible server and its chat page
         "serve": SERVE,
     },

@@ -1,11 +1,15 @@
-"""DPO: the loss against the formula (DPO, cDPO, IPO on per-token averages), the masked sequence sums,
-the frozen reference, TRL's metric names, and train_dpo.py end to end."""
+"""DPO: the loss against the formula (DPO, cDPO, IPO on per-token averages, and the reference-free
+SimPO and ORPO) and against TRL's own loss functions, the masked sequence sums, the frozen reference,
+TRL's metric names, and train_dpo.py end to end."""
 import contextlib
 import copy
+import math
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 import train_dpo
 from minillm.checkpoint import load_checkpoint, save_checkpoint
@@ -113,6 +117,128 @@ def test_bad_loss_options_are_errors():
         train_dpo.preference_losses(x, x, 0.1, label_smoothing=0.5)
 
 
+@pytest.mark.parametrize("beta, gamma, smoothing", [(2.0, 0.5, 0.0), (0.1, 1.0, 0.0), (2.5, 0.3, 0.2)])
+def test_simpo_loss_matches_the_paper(beta, gamma, smoothing):
+    """SimPO (Meng et al. 2024, eq. 6): −log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ), from summed
+    log-probs and lengths by hand (label smoothing as TRL's CPOTrainer adds it)."""
+    torch.manual_seed(3)
+    sum_w, sum_l = -torch.rand(6) * 30, -torch.rand(6) * 30
+    len_w, len_l = torch.randint(1, 20, (6,)).float(), torch.randint(1, 20, (6,)).float()
+    losses = train_dpo.preference_losses(sum_w / len_w, sum_l / len_l, beta, smoothing, "simpo", simpo_gamma=gamma)
+    for i in range(6):
+        z = beta / len_w[i].item() * sum_w[i].item() - beta / len_l[i].item() * sum_l[i].item() - gamma
+        expect = -(1 - smoothing) * math.log(1 / (1 + math.exp(-z))) - smoothing * math.log(1 / (1 + math.exp(z)))
+        assert losses[i].item() == pytest.approx(expect, rel=1e-5)
+
+
+def test_orpo_odds_ratio_loss_matches_the_paper():
+    """ORPO (Hong et al. 2024, eqs. 4-7): odds(y) = P/(1 − P) with P the per-token average probability
+    exp(log π(y)/|y|), L_OR = −log σ(log(odds(y_w)/odds(y_l))), weighted by λ (TRL's beta); computed in
+    float64 from the probabilities themselves, including probabilities near 1 (log1mexp's expm1 branch)."""
+    avg_w = torch.tensor([-0.05, -0.3, -1.2, -4.0, -1e-4, -0.7])
+    avg_l = torch.tensor([-0.2, -0.1, -2.5, -3.0, -0.9, -0.69])
+    lam = 0.25
+    losses = train_dpo.preference_losses(avg_w, avg_l, lam, loss_type="orpo")
+    for i in range(6):
+        pw, pl = math.exp(avg_w[i].item()), math.exp(avg_l[i].item())
+        log_or = math.log(pw / (1 - pw)) - math.log(pl / (1 - pl))
+        assert losses[i].item() == pytest.approx(-lam * math.log(1 / (1 + math.exp(-log_or))), rel=1e-4)
+    # a reply of probability 1 gives a finite loss and gradient, not log 0
+    x = torch.tensor([0.0, -0.5], requires_grad=True)
+    loss = train_dpo.preference_losses(x[:1], x[1:], lam, loss_type="orpo").sum()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+def _avg(model, batch, name):
+    inputs, labels = side(batch, name)
+    return model.token_logprobs(inputs, labels).sum(-1) / (labels != -100).sum(-1)
+
+
+def test_simpo_stage_loss_uses_average_logprobs_and_no_reference():
+    policy = tiny_model(0)
+    batch = random_pair_batch(seed=9)
+    beta, gamma = 2.0, 0.7
+    loss, metrics = train_dpo.make_dpo_loss(None, beta=beta, loss_type="simpo", simpo_gamma=gamma)(
+        policy, batch, step_totals(batch))
+    aw, al = _avg(policy, batch, "chosen"), _avg(policy, batch, "rejected")
+    torch.testing.assert_close(loss, -F.logsigmoid(beta * (aw - al) - gamma).mean())
+    torch.testing.assert_close(metrics["rewards/chosen"], beta * aw.mean().detach())  # TRL: β · average log-prob
+    torch.testing.assert_close(metrics["rewards/accuracies"], (aw > al).float().mean())
+    torch.testing.assert_close(metrics["logps/rejected"], al.mean().detach())
+    with pytest.raises(ValueError, match="no reference"):
+        train_dpo.make_dpo_loss(train_dpo.reference_fn(ref_model=tiny_model(1)), beta=2.0, loss_type="simpo")
+
+
+def test_orpo_stage_loss_is_chosen_nll_plus_lambda_odds_ratio():
+    """ORPO = NLL of the chosen replies (a mean over their tokens; the prompt is not trained on, as in
+    every stage here) + λ · L_OR, with TRL's ORPO metric names."""
+    policy = tiny_model(0)
+    batch = random_pair_batch(seed=10)
+    lam = 0.3
+    loss, metrics = train_dpo.make_dpo_loss(None, beta=lam, loss_type="orpo")(policy, batch, step_totals(batch))
+    inputs, labels = side(batch, "chosen")
+    nll = -policy.token_logprobs(inputs, labels).sum() / (labels != -100).sum()
+    aw, al = _avg(policy, batch, "chosen").double(), _avg(policy, batch, "rejected").double()
+    log_or = (aw - torch.log(-torch.expm1(aw))) - (al - torch.log(-torch.expm1(al)))
+    torch.testing.assert_close(loss.double(), nll.double() - lam * F.logsigmoid(log_or).mean(), rtol=1e-5, atol=1e-6)
+    assert set(metrics) >= {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                            "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"}
+    torch.testing.assert_close(metrics["nll_loss"], nll.detach())
+    torch.testing.assert_close(metrics["log_odds_chosen"].double(), log_or.mean().detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["log_odds_ratio"].double(), F.logsigmoid(log_or).mean().detach(),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="sft_weight"):
+        train_dpo.make_dpo_loss(None, beta=lam, loss_type="orpo", sft_weight=1.0)
+
+
+# -- TRL's own loss functions on the same tensors (skipped only where trl cannot be imported) ------------
+def _trl(module):
+    import os
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    return pytest.importorskip(module, reason="TRL is the oracle here (pip install trl)")
+
+
+@pytest.mark.parametrize("loss_type, beta, smoothing", [("simpo", 2.0, 0.0), ("simpo", 0.5, 0.1),
+                                                         ("sigmoid", 0.1, 0.0), ("sigmoid", 0.3, 0.2),
+                                                         ("ipo", 0.2, 0.0)])
+def test_losses_equal_trl_cpo_trainer(loss_type, beta, smoothing):
+    """TRL's CPOTrainer.cpo_loss: SimPO on average log-probs; its sigmoid and ipo branches are DPO's and
+    IPO's formulas on whatever scores they are given, here our log-ratios."""
+    cpo = _trl("trl.experimental.cpo")
+    torch.manual_seed(11)
+    chosen, rejected = -torch.rand(7) * 3, -torch.rand(7) * 3
+    trainer = types.SimpleNamespace(alpha=0.0, beta=beta, label_smoothing=smoothing, loss_type=loss_type,
+                                    simpo_gamma=0.8, accelerator=types.SimpleNamespace(device="cpu"))
+    trl_losses, trl_chosen_rewards, _ = cpo.CPOTrainer.cpo_loss(trainer, chosen, rejected)
+    ours = train_dpo.preference_losses(chosen, rejected, beta, smoothing, loss_type, simpo_gamma=0.8)
+    torch.testing.assert_close(ours, trl_losses)
+    if loss_type == "simpo":  # and the logged rewards: β · average log-prob
+        policy = tiny_model(0)
+        batch = random_pair_batch(seed=12)
+        _, metrics = train_dpo.make_dpo_loss(None, beta=beta, loss_type="simpo", label_smoothing=smoothing,
+                                             simpo_gamma=0.8)(policy, batch, step_totals(batch))
+        aw, al = _avg(policy, batch, "chosen").detach(), _avg(policy, batch, "rejected").detach()
+        trl_losses, trl_chosen, trl_rejected = cpo.CPOTrainer.cpo_loss(trainer, aw, al)
+        torch.testing.assert_close(metrics["rewards/chosen"], trl_chosen.mean())
+        torch.testing.assert_close(metrics["rewards/margins"], (trl_chosen - trl_rejected).mean())
+
+
+def test_orpo_equals_trl_orpo_trainer():
+    """TRL's ORPOTrainer.odds_ratio_loss (its loss is nll − mean(losses)) and its logged log-odds metrics."""
+    orpo = _trl("trl.experimental.orpo")
+    torch.manual_seed(13)
+    avg_w = -torch.rand(8) * 2
+    avg_l = -torch.rand(8) * 2
+    avg_w[0], avg_l[1] = -1e-3, -0.6931  # near p = 1, and at the branch point of log1mexp
+    trainer = types.SimpleNamespace(beta=0.15, accelerator=types.SimpleNamespace(device="cpu"))
+    trl_terms, trl_chosen, _, trl_ratio, trl_log_odds = orpo.ORPOTrainer.odds_ratio_loss(trainer, avg_w, avg_l)
+    torch.testing.assert_close(train_dpo.preference_losses(avg_w, avg_l, 0.15, loss_type="orpo"), -trl_terms)
+    log_odds = train_dpo.odds_ratio(avg_w, avg_l)
+    torch.testing.assert_close(log_odds.mean(), trl_log_odds)
+    torch.testing.assert_close(F.logsigmoid(log_odds).mean(), trl_ratio)
+
+
 def test_stage_loss_equals_direct_formula_and_ignores_prompt_logits():
     """train_dpo's loss_fn on a real model against the formula computed from model.token_logprobs,
     with TRL's metric names."""
@@ -150,9 +276,11 @@ def test_stage_loss_equals_direct_formula_and_ignores_prompt_logits():
     torch.testing.assert_close(noisy_loss, loss)
 
 
-def test_loss_is_exact_across_micro_batches():
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo", "orpo"])
+def test_loss_is_exact_across_micro_batches(loss_type):
     """Two micro-batches of one step (pairs and chosen tokens unevenly split) give the gradient of
-    the whole batch at once: shares over the step's totals, not means per micro-batch."""
+    the whole batch at once: shares over the step's totals, not means per micro-batch (SimPO and
+    ORPO too: ORPO's NLL is a token mean over the step's chosen targets)."""
     ref = tiny_model(1)
     whole = random_pair_batch(B=4, seed=8)
     parts = [{k: (v[rows] if torch.is_tensor(v) else None) for k, v in whole.items()} for rows in ([0], [1, 2, 3])]
@@ -163,7 +291,9 @@ def test_loss_is_exact_across_micro_batches():
     grads = []
     for micro in ([whole], parts):
         policy = tiny_model(0)
-        loss_fn = train_dpo.make_dpo_loss(train_dpo.reference_fn(ref_model=ref), beta=0.2, sft_weight=1.0)
+        reference = None if loss_type in train_dpo.REFERENCE_FREE else train_dpo.reference_fn(ref_model=ref)
+        loss_fn = train_dpo.make_dpo_loss(reference, beta=0.2, sft_weight=0.0 if loss_type == "orpo" else 1.0,
+                                          loss_type=loss_type)
         totals = step_totals(*micro)
         for b in micro:
             loss_fn(policy, b, totals)[0].backward()
@@ -196,6 +326,17 @@ def test_frozen_reference_gets_no_gradient_and_steps_raise_the_margin():
     assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at start
     assert history[-1]["rewards/margins"] > history[0]["rewards/margins"] + 0.1
     assert history[-1]["rewards/accuracies"] == 1.0
+
+
+@pytest.mark.parametrize("loss_type, beta", [("simpo", 2.0), ("orpo", 0.5)])
+def test_reference_free_steps_raise_the_margin(loss_type, beta):
+    policy = tiny_model(0)
+    batch = random_pair_batch(B=2, seed=3)
+    history = _train(policy, train_dpo.make_dpo_loss(None, beta=beta, loss_type=loss_type), batch, steps=10)
+    assert history[-1]["rewards/margins"] > history[0]["rewards/margins"] + 0.05
+    assert history[-1]["rewards/accuracies"] == 1.0
+    if loss_type == "orpo":  # the SFT half learns the chosen replies too
+        assert history[-1]["nll_loss"] < history[0]["nll_loss"] - 0.5
 
 
 def test_lora_reference_is_the_base_model_with_no_second_copy():
@@ -298,3 +439,26 @@ def test_moe_policy_adds_the_router_balance_loss():
     assert aux.item() > 0.5  # a real balance loss (≈1 when balanced), not the dense model's zero
     torch.testing.assert_close(metrics["aux_loss"], aux.detach())
     torch.testing.assert_close(with_aux, plain + 0.5 * aux)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_runs_build_no_reference(sft_checkpoint, monkeypatch, loss_type):
+    """No frozen copy, no LoRA-off reference, no precomputed log-probs: every way to make a reference fails here."""
+    def no_reference(*args, **kwargs):
+        raise AssertionError(f"{loss_type} built a reference")
+    for name in ("frozen_reference", "reference_fn", "precompute_reference"):
+        monkeypatch.setattr(train_dpo, name, no_reference)
+    trainer = train_dpo.main(_argv(sft_checkpoint, "--save_weight", f"dpo_{loss_type}", "--loss_type", loss_type,
+                                   "--eval_split", "0.2"))
+    assert trainer.step == 2 and trainer.eval_history and len(trainer.heldout_margins[1]) == 6
+    saved = yaml.safe_load((sft_checkpoint / "out" / f"dpo_{loss_type}" / "config.yaml").read_text())["stage"]
+    assert saved["loss_type"] == loss_type and saved["beta"] == train_dpo.DEFAULT_BETA[loss_type]
+
+
+@pytest.mark.parametrize("flags, match", [(["--loss_type", "simpo", "--precompute_ref", "1"], "no reference"),
+                                          (["--loss_type", "orpo", "--sft_weight", "1"], "sft_weight"),
+                                          (["--loss_type", "ipo", "--label_smoothing", "0.1"], "label_smoothing"),
+                                          (["--simpo_gamma", "1.0"], "simpo_gamma")])
+def test_reference_free_flag_misuse_is_a_clear_error(sft_checkpoint, flags, match):
+    with pytest.raises(ValueError, match=match):
+        train_dpo.main(_argv(sft_checkpoint, "--save_weight", "dpo_bad", *flags))
