@@ -19,8 +19,9 @@ Each step takes --batch_size x --accumulation_steps prompts per process and turn
                 --vf_coef x the clipped value loss; a step stops early once the policy has moved more
                 than --early_stop_kl (approximate KL) from the one that sampled
 
-The critic is a separate copy of the policy's trunk with a scalar head (minillm/value.py says why);
-policy and critic train as one module under one optimizer. The checkpoint in --save_dir/--save_weight is
+The critic is a separate model with a scalar head on every position, a copy of the policy's trunk or of
+the reward model (--value_init; minillm/value.py says why it is separate); policy and critic train as one
+module under one optimizer. The checkpoint in --save_dir/--save_weight is
 the policy alone, a normal checkpoint (eval_model.py, the next stage); the critic and the KL coefficient
 ride in its trainer_state for --from_resume 1. Metrics carry TRL's names (objective/kl, objective/scores,
 objective/rlhf_reward, policy/approxkl_avg, loss/value_avg, ...).
@@ -61,6 +62,9 @@ def add_ppo_args(parser):
                        help=f"comma list of rewards, each name or name:weight, from {', '.join(RULES)}; auto = "
                             f"{RULE_DEFAULT!r}, or {MODEL_DEFAULT!r} with --reward_model_path")
     group.add_argument("--reward_model_path", default="", help="a train_reward.py checkpoint for the 'model' reward")
+    group.add_argument("--value_init", choices=("auto", "policy", "reward"), default="auto",
+                       help="the critic starts as a copy of the policy (MiniMind) or of the reward model (TRL); "
+                            "auto = the reward model when --reward_model_path is given")
     group.add_argument("--max_gen_len", type=int, default=48, help="most tokens sampled per completion")
     group.add_argument("--temperature", type=float, default=0.8,
                        help="sampling temperature (top-p/top-k off: PPO needs the sampling distribution's log-probs)")
@@ -316,8 +320,8 @@ def main(argv=None, reward_fn=None):
         raise UserError(f"--max_seq_len {cfg.max_seq_len} (prompt) + --max_gen_len {args.max_gen_len} exceeds the "
                         f"model's {room} positions; lower one of them")
     rewards_spec = args.rewards if args.rewards != "auto" else (MODEL_DEFAULT if args.reward_model_path else RULE_DEFAULT)
+    reward_model = None
     if reward_fn is None:
-        reward_model = None
         if args.reward_model_path:
             from minillm.reward import load_reward_model
             reward_model = load_reward_model(args.reward_model_path, device)
@@ -327,7 +331,11 @@ def main(argv=None, reward_fn=None):
 
     # the policy, its reference, and the critic
     policy = stage.model.to(device)
-    critic = ValueModel.from_policy(policy)  # from the SFT weights, before any adapter goes in
+    if args.value_init == "reward" and reward_model is None:
+        raise UserError("--value_init reward needs --reward_model_path (the critic starts as that model)")
+    # the critic: a copy of the reward model, or of the SFT weights (before any adapter goes in)
+    critic = (ValueModel.from_reward_model(reward_model) if reward_model is not None and args.value_init != "policy"
+              else ValueModel.from_policy(policy)).to(device)
     lora_params = None
     if args.use_lora:
         lora_params = apply_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets,

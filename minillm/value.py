@@ -1,6 +1,7 @@
 """PPO's value model (the critic) and the module PPO trains: the policy and its critic side by side.
 
-    critic = ValueModel.from_policy(policy)            # the policy's trunk, a fresh scalar head
+    critic = ValueModel.from_policy(policy)            # a copy of the policy's trunk, a zero scalar head
+    critic = ValueModel.from_reward_model(rm)           # or a copy of a reward model (TRL's default)
     values = critic(ids)                                # [N, T]: V(s_t), the value after reading ids[:, :t+1]
     pair = PolicyAndValue(policy, critic)               # forward(ids) -> (logits, values, MoE aux loss)
 
@@ -19,41 +20,55 @@ continues exactly: `kl_coef`, the adaptive KL controller's coefficient.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from minillm.config import ModelConfig
-from minillm.model import MiniLLM
+from minillm.model import Decoder, MiniLLM, rope_tables
 
 
-class ValueModel(MiniLLM):
-    """A decoder trunk with a scalar head in place of the LM head (MiniMind's CriticModel):
-    forward(ids [N, T]) -> values [N, T] in fp32."""
+class ValueModel(nn.Module):
+    """The critic: a decoder trunk and a scalar head read at every position (MiniMind's CriticModel,
+    TRL's value model): forward(ids [N, T]) -> values [N, T] in fp32.
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        del self.lm_head  # a tied head is the embedding, which stays; an untied one would never train
+    Built as minillm.reward.RewardModel is (the trunk is a `Decoder`, MiniLLM's forward borrowed), and not
+    a MiniLLM: code that takes a language model must not take a critic for one."""
+    forward_hidden = MiniLLM.forward_hidden
+    _rope = MiniLLM._rope
+    _cached_positions = MiniLLM._cached_positions
+    num_params = MiniLLM.num_params
+
+    def __init__(self, cfg: ModelConfig, trunk: Decoder | None = None):
+        super().__init__()
+        self.config = cfg
+        self.model = trunk if trunk is not None else MiniLLM(cfg).model
         self.value_head = nn.Linear(cfg.hidden_size, 1)
-        # zero head: every value starts at 0, a neutral baseline, and the first updates cannot move the
-        # trunk (its gradient goes through the head's weights)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        cos, sin = rope_tables(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope_theta,
+                               self.model.embed_tokens.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     @classmethod
     def from_policy(cls, policy: MiniLLM) -> "ValueModel":
-        """A critic whose trunk starts as `policy`'s (MiniMind and TRL start the critic from a trained
-        model: here the SFT policy), on its device and dtype."""
-        critic = cls(policy.config)
-        trunk = {k: v for k, v in policy.state_dict().items() if not k.startswith("lm_head.")}
-        missing, unexpected = critic.load_state_dict(trunk, strict=False)
-        if unexpected or any(not k.startswith("value_head.") for k in missing):
-            raise ValueError(f"the policy's trunk does not fit the critic: missing {missing}, unexpected {unexpected}")
-        p = next(policy.parameters())
-        return critic.to(device=p.device, dtype=p.dtype)
+        """A critic on a copy of `policy`'s trunk (MiniMind: the SFT weights) with a zero head: every value
+        starts at 0, a neutral baseline, and the trunk moves once the head has (its gradient goes through
+        the head's weights)."""
+        critic = cls(policy.config, trunk=copy.deepcopy(policy.model))
+        nn.init.zeros_(critic.value_head.weight)
+        nn.init.zeros_(critic.value_head.bias)
+        return critic
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.model.embed_tokens.weight.numel() if non_embedding else n
+    @classmethod
+    def from_reward_model(cls, reward_model) -> "ValueModel":
+        """A critic on a copy of a reward model's trunk and score head (TRL's default: the value model
+        starts as the reward model), trainable."""
+        critic = cls(reward_model.config, trunk=copy.deepcopy(reward_model.model))
+        with torch.no_grad():
+            critic.value_head.weight.copy_(reward_model.score_head.weight)
+            critic.value_head.bias.zero_()
+        return critic.requires_grad_(True)
 
     def forward(self, input_ids):
         h, _ = self.forward_hidden(input_ids)

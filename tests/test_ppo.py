@@ -357,3 +357,33 @@ def test_lora_policy_saves_the_adapter_and_keeps_the_base(sft_checkpoint):
     base = {k: v for k, v in trainer.model.policy.state_dict().items() if "lora_" not in k}
     for name, value in start.state_dict().items():  # the reference (adapter off) is the starting model
         assert torch.equal(base[name], value), name
+
+
+def test_critic_from_a_reward_model_values_the_last_token_as_its_score():
+    from minillm.reward import RewardModel
+    rm = RewardModel(ModelConfig.preset("debug", vocab_size=512, kernel_backend="torch"))
+    critic = ValueModel.from_reward_model(rm)
+    ids, lengths = torch.randint(0, 512, (3, 9)), torch.tensor([9, 4, 6])
+    torch.testing.assert_close(critic(ids)[torch.arange(3), lengths - 1], rm(ids, lengths))
+    assert all(p.requires_grad for p in critic.parameters())
+    assert not any(p is q for p in critic.parameters() for q in rm.parameters())  # a copy, not shared
+    policy = tiny_model(1)
+    assert not ValueModel.from_policy(policy)(ids).any()  # zero head: V = 0 at the start
+
+
+def test_reward_model_run_starts_the_critic_from_it(sft_checkpoint):
+    from minillm.reward import RewardModel, save_reward_model
+    tok = Tokenizer.load()
+    torch.manual_seed(0)
+    save_reward_model(sft_checkpoint / "rm", RewardModel(ModelConfig.preset("debug", vocab_size=tok.vocab_size,
+                                                                             kernel_backend="torch")), tok)
+    trainer = train_ppo.main(_argv(sft_checkpoint, "--save_weight", "rm_run", "--max_steps", "1", "--reward_model_path",
+                                   str(sft_checkpoint / "rm"), "--learning_rate", "0"))
+    assert len(trainer.rollout_scores) == 1
+    from minillm.reward import load_reward_model
+    rm = load_reward_model(sft_checkpoint / "rm")
+    critic = trainer.model.value_model  # learning rate 0: still the reward model's trunk
+    for name, value in rm.model.state_dict().items():
+        assert torch.equal(critic.model.state_dict()[name], value), name
+    with pytest.raises(Exception, match="--value_init reward needs"):
+        train_ppo.main(_argv(sft_checkpoint, "--value_init", "reward"), reward_fn=low_ids)
