@@ -204,6 +204,41 @@ def test_chat_template_without_system_prompt_and_empty_reasoning(hf_tokenizer):
     assert _template_ids(hf_tokenizer, messages[:1], True) == TOK.render_prompt("hi")
 
 
+TOOLS = [{"type": "function", "function": {"name": "calculator", "description": "计算 \"x\"", "parameters": {
+    "type": "object", "properties": {"expression": {"type": "string"}}}}}, {"name": "lookup"}]
+TOOL_MESSAGES = [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3, and Dakaia?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'}},
+        {"name": "lookup", "arguments": {"entity": "达卡亚"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "5"}, {"role": "tool", "content": '{"capital": "Tarsen"}'},
+    {"role": "assistant", "content": "Let me see.", "reasoning_content": "hmm", "tool_calls": [{"name": "lookup"}]},
+    {"role": "tool", "content": "{}"},
+    {"role": "assistant", "content": "<think>\n\n</think>\n\n", "tool_calls": [{"name": "lookup", "arguments": {}}]},
+    {"role": "tool", "content": "{}"}, {"role": "assistant", "content": "5; Tarsen."}]
+
+
+@pytest.mark.parametrize("start, end", [(0, 10), (1, 10), (0, 5), (1, 3), (0, 2)])
+@pytest.mark.parametrize("tools", [TOOLS, None])
+@pytest.mark.parametrize("generation_prompt, thinking", [(False, None), (True, None), (True, True), (True, False)])
+def test_chat_template_with_tools_equals_render_chat(hf_tokenizer, start, end, tools, generation_prompt, thinking):
+    """Tools in the system turn, tool_calls (OpenAI's and MiniMind's shapes, arguments as text or object),
+    grouped tool results, a call after reasoning and after an empty think block, and the thinking switch:
+    the exported template gives render_chat's text and ids."""
+    messages = TOOL_MESSAGES[start:end]
+    kwargs = {} if thinking is None else {"open_thinking": thinking}
+    ids = TOK.render_chat(messages, add_generation_prompt=generation_prompt, tools=tools, open_thinking=thinking)[0]
+    text = hf_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                            add_generation_prompt=generation_prompt, **kwargs)
+    assert text == TOK.decode(ids)
+    out = hf_tokenizer.apply_chat_template(messages, tools=tools, tokenize=True,
+                                           add_generation_prompt=generation_prompt, **kwargs)
+    assert list(out["input_ids"] if hasattr(out, "keys") else out) == ids
+    if thinking is not None:  # Qwen3's name for the switch works too
+        assert hf_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                                enable_thinking=thinking) == text
+
+
 # ---- LoRA -> PEFT -------------------------------------------------------------------------------------
 def _adapter(tmp_path, rslora=False, targets=None, **overrides):
     base = make_model(**overrides)

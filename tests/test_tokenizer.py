@@ -125,3 +125,125 @@ def test_generation_prompt(tok):
 def test_bad_messages_raise_value_error_naming_the_field(tok, messages, problem):
     with pytest.raises(ValueError, match=problem):
         tok.render_chat(messages)
+
+
+# ---- tool use -----------------------------------------------------------------------------------------
+TOOLS = [{"type": "function", "function": {"name": "calculator", "description": "计算算式",
+                                           "parameters": {"type": "object", "properties": {
+                                               "expression": {"type": "string"}}, "required": ["expression"]}}}]
+TOOL_CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 36 * 17 and 2 + 3?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "calculator", "arguments": '{"expression": "36 * 17"}'}},
+        {"name": "calculator", "arguments": {"expression": "2 + 3"}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"result": 612}'},
+    {"role": "tool", "content": '{"result": 5}'},
+    {"role": "assistant", "content": "612 and 5.", "reasoning_content": "both came back",
+     "tool_calls": [{"name": "calculator", "arguments": {}}]},
+    {"role": "tool", "content": "ok"},
+    {"role": "assistant", "content": "Done."},
+]
+# written out by hand from MiniMind-3's model/tokenizer_config.json (the same as Qwen3's layout), less the empty
+# think block MiniMind's template writes into every assistant turn (ours writes one only for reasoning_content)
+TOOL_CHAT_TEXT = (
+    "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to assist with the user query."
+    "\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    '{"type": "function", "function": {"name": "calculator", "description": "计算算式", "parameters": {"type": '
+    '"object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}\n</tools>\n\n'
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+    'XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+    "<|im_start|>user\nWhat is 36 * 17 and 2 + 3?<|im_end|>\n"
+    "<|im_start|>assistant\n"
+    '<tool_call>\n{"name": "calculator", "arguments": {"expression": "36 * 17"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2 + 3"}}\n</tool_call><|im_end|>\n'
+    '<|im_start|>user\n<tool_response>\n{"result": 612}\n</tool_response>\n'
+    '<tool_response>\n{"result": 5}\n</tool_response><|im_end|>\n'
+    "<|im_start|>assistant\n<think>\nboth came back\n</think>\n\n612 and 5.\n"
+    '<tool_call>\n{"name": "calculator", "arguments": {}}\n</tool_call><|im_end|>\n'
+    "<|im_start|>user\n<tool_response>\nok\n</tool_response><|im_end|>\n"
+    "<|im_start|>assistant\nDone.<|im_end|>\n")
+
+
+def test_tool_conversation_renders_as_written_by_hand_and_trains_on_the_calls(tok):
+    ids, loss_mask = tok.render_chat(TOOL_CHAT, tools=TOOLS)
+    assert tok.decode(ids) == TOOL_CHAT_TEXT
+    assert ids == tok.encode(TOOL_CHAT_TEXT)  # segment by segment encodes as the whole text does
+    # the loss: the calls, the replies and their <|im_end|>; never the schemas, the user text or a tool result
+    assert masked_text(tok, ids, loss_mask) == (
+        '<tool_call>\n{"name": "calculator", "arguments": {"expression": "36 * 17"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2 + 3"}}\n</tool_call><|im_end|>'
+        '<think>\nboth came back\n</think>\n\n612 and 5.\n'
+        '<tool_call>\n{"name": "calculator", "arguments": {}}\n</tool_call><|im_end|>Done.<|im_end|>')
+    trained_runs = [i for i in range(1, len(ids)) if loss_mask[i] and not loss_mask[i - 1]]
+    assert len(trained_runs) == 3  # one per assistant turn
+    for tag in ("tool_call_start", "tool_call_end", "tool_response_start", "tool_response_end"):
+        assert tok.special_ids[tag] in ids
+    # without tools the system turn is plain; tool messages and calls render all the same
+    plain = tok.decode(tok.render_chat(TOOL_CHAT)[0])
+    assert plain.startswith("<|im_start|>system\nBe brief.<|im_end|>\n") and "# Tools" not in plain
+    assert plain.endswith(TOOL_CHAT_TEXT[TOOL_CHAT_TEXT.index("<|im_start|>user\nWhat"):])
+    # tools and no system message: the tool section is a system turn of its own
+    alone = tok.decode(tok.render_chat(TOOL_CHAT[1:], tools=TOOLS)[0])
+    assert alone.startswith("<|im_start|>system\n# Tools\n\n") and alone.endswith("Done.<|im_end|>\n")
+
+
+def test_generation_prompt_with_tools_and_the_thinking_switch(tok):
+    messages = TOOL_CHAT[:5]
+    base = tok.render_chat(messages, tools=TOOLS)[0] + [tok.im_start_id] + tok.encode("assistant\n")
+    assert tok.render_prompt(messages, tools=TOOLS) == base
+    assert tok.render_prompt(messages, tools=TOOLS, open_thinking=True) == base + tok.encode("<think>\n")
+    assert tok.render_prompt(messages, tools=TOOLS, open_thinking=False) == base + tok.encode("<think>\n\n</think>\n\n")
+    for switch in (None, True, False):
+        assert tok.render_chat(messages, add_generation_prompt=True, tools=TOOLS, open_thinking=switch)[0] == \
+            tok.render_prompt(messages, tools=TOOLS, open_thinking=switch)
+        assert tok.render_prompt("hi", open_thinking=switch)[:len(tok.render_prompt("hi"))] == tok.render_prompt("hi")
+
+
+def test_tool_tags_take_the_first_reserved_slots_of_an_older_tokenizer(tok):
+    """The shipped tokenizer.model predates tool use (<|reserved_0..3|> at ids 9..12): loading gives those ids
+    the tool tags, byte for byte the same model otherwise, so checkpoints trained on it keep every id."""
+    from minillm.tokenizer import ASSETS_DIR, TOOL_TAG_SLOTS, rename_pieces
+    raw = (ASSETS_DIR / "tokenizer.model").read_bytes()
+    old = spm_processor(raw)
+    assert all(old.id_to_piece(old.piece_to_id(p)) == p for p in TOOL_TAG_SLOTS)  # really the older layout
+    assert tok._proto == rename_pieces(raw, TOOL_TAG_SLOTS)
+    assert rename_pieces(tok._proto, {v: k for k, v in TOOL_TAG_SLOTS.items()}) == raw  # nothing else changed
+    for old_piece, tag in TOOL_TAG_SLOTS.items():
+        assert tok.encode(tag) == [old.piece_to_id(old_piece)]
+    text = "维洛里亚 test <|reserved_5|> 17 + 25\n"
+    assert tok.encode(text) == old.encode(text, out_type=int) and tok.vocab_size == old.get_piece_size()
+    again = Tokenizer(tok._proto)  # a saved one already has the tags: loaded as it is
+    assert again._proto == tok._proto and again.special_ids == tok.special_ids
+
+
+def spm_processor(proto):
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_proto=proto)
+
+
+def test_tools_need_a_tokenizer_with_tool_tags(tok):
+    import copy
+    from minillm.errors import UserError
+    no_tags = copy.copy(tok)
+    no_tags._set_specials({k: (None if k.startswith("tool_") else v) for k, v in tok.special_ids.items()})
+    assert no_tags.render_chat(TOOL_CHAT[:2])  # plain chat still works
+    with pytest.raises(UserError, match="no <tool_call>/<tool_response> tokens"):
+        no_tags.render_chat(TOOL_CHAT[:2], tools=TOOLS)
+    with pytest.raises(UserError, match="no <tool_call>/<tool_response> tokens"):
+        no_tags.render_chat(TOOL_CHAT[:4])
+
+
+@pytest.mark.parametrize("messages, problem", [
+    ([{"role": "user", "content": "x", "tool_calls": [{"name": "f"}]}], "only assistant messages make tool calls"),
+    ([{"role": "assistant", "content": "", "tool_calls": "f()"}], r"\['tool_calls'\] must be a list"),
+    ([{"role": "assistant", "content": "", "tool_calls": [{"arguments": {}}]}], r"\['tool_calls'\]\[0\] must be"),
+    ([{"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": 3}]}], r"\['arguments'\]"),
+    ([{"role": "tool", "content": None}], r"messages\[0\]\['content'\] must be a str"),
+])
+def test_bad_tool_messages_raise_value_error_naming_the_field(tok, messages, problem):
+    with pytest.raises(ValueError, match=problem):
+        tok.render_chat(messages)
+    # content None is fine on an assistant message that only calls tools (OpenAI clients send that)
+    assert tok.render_chat([{"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}])
