@@ -156,6 +156,24 @@ PRE, SFT, DPO = "pretrain", "sft", "dpo"
     (SFT, '{"conversations": [{"role": "user"}]}', 'no string "content"'),
     (DPO, '{"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "assistant", "content": "a"}]}',
      '"chosen" must end with an assistant turn'),
+    # tool use (MiniMind-3's fields): each mistake named where it is
+    (SFT, '{"conversations": [{"role": "user", "content": "q", "tool_calls": [{"name": "f"}]}, '
+          '{"role": "assistant", "content": "a"}]}', '"conversations"[0] (user) has "tool_calls"; only assistant'),
+    (SFT, '{"conversations": [{"role": "system", "content": "s", "tools": "[{\\"name\\": "}, '
+          '{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}',
+     '"conversations"[0] (system) "tools" is a string that is not valid JSON'),
+    (SFT, '{"conversations": [{"role": "user", "content": "q", "tools": [{"name": "f"}]}, '
+          '{"role": "assistant", "content": "a"}]}', 'tools belong on the system message'),
+    (SFT, '{"tools": ["f"], "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}',
+     'the row "tools"[0] is a string, not a JSON schema object'),
+    (SFT, '{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", '
+          '"tool_calls": "[{\\"arguments\\": {}}]"}]}', '"conversations"[1] (assistant) "tool_calls"[0] needs a "name"'),
+    (SFT, '{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", '
+          '"tool_calls": [{"name": "f", "arguments": 3}]}]}', '"arguments" must be an object'),
+    (SFT, '{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}',
+     '"conversations"[1] (assistant) has empty "content"'),
+    (SFT, '{"conversations": [{"role": "user", "content": "q"}, {"role": "tool", "content": 5}, '
+          '{"role": "assistant", "content": "a"}]}', '"conversations"[1] (tool) "content" must be a string'),
 ])
 def test_bad_line_names_file_line_and_reason(tmp_path, fmt, line, reason):
     good = {PRE: '{"text": "fine"}', SFT: json.dumps({"conversations": conv("q", "a")}),
@@ -393,3 +411,77 @@ def test_dpo_items_and_collate(tmp_path, tok):
             assert torch.equal(batch[f"{side}_loss_mask"][i, :n], ds[i][f"{side}_loss_mask"])
         assert batch[f"n_{side}_targets"] == sum(int(ds[i][f"{side}_loss_mask"][1:].sum()) for i in range(2))
     assert batch["n_rows"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- tool use
+TOOL_ROW = {"conversations": [
+    {"role": "system", "content": "You can compute.",
+     "tools": '[{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}]'},
+    {"role": "user", "content": "What is 36 * 17?"},
+    {"role": "assistant", "content": "", "tool_calls": '[{"name": "calculator", "arguments": {"expression": "36 * 17"}}]'},
+    {"role": "tool", "content": '{"result": 612}'},
+    {"role": "assistant", "content": "It is 612."},
+    {"role": "user", "content": "And 2 + 3?"},
+    {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"id": "c2", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "2 + 3"}'}}]},
+    {"role": "tool", "tool_call_id": "c2", "content": '{"result": 5}'},
+    {"role": "assistant", "content": "It is 5."}]}
+
+
+def test_multi_turn_tool_rows_train_on_calls_and_replies_only(tmp_path):
+    """MiniMind-3's tool rows (tools and tool_calls as JSON strings) and OpenAI-shaped calls load as they are;
+    the loss mask covers each call and reply with its <|im_end|>, never the schemas or a tool's result."""
+    from minillm.tokenizer import Tokenizer, render_tools
+    tok = Tokenizer.load()
+    src = write_jsonl(tmp_path / "sft.jsonl", [TOOL_ROW, {"conversations": conv("q", "a")}])
+    ds = SFTDataset(src, tok, max_seq_len=1024, num_workers=0,
+                    system_prompts=["SYS"], system_prompt_prob=1.0)  # a tool row gets no random system prompt
+    assert len(ds) == 2 and not ds.bad_lines
+    ids, mask = ds[0]["ids"].tolist(), ds[0]["loss_mask"].tolist()
+    tools = json.loads(TOOL_ROW["conversations"][0]["tools"])
+    assert tok.decode(ids).startswith("<|im_start|>system\nYou can compute.\n\n" + render_tools(tools) + "<|im_end|>")
+    learned = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert learned == ('<tool_call>\n{"name": "calculator", "arguments": {"expression": "36 * 17"}}\n</tool_call>'
+                       '<|im_end|>It is 612.<|im_end|>Checking.\n'
+                       '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2 + 3"}}\n</tool_call>'
+                       '<|im_end|>It is 5.<|im_end|>')
+    not_learned = tok.decode([t for t, m in zip(ids, mask) if not m])
+    assert '{"result": 612}' in not_learned and '{"result": 5}' in not_learned and '"parameters"' in not_learned
+    # the same row as render_chat gives it, with its tools
+    messages = json.loads(json.dumps(TOOL_ROW["conversations"]))
+    messages[2]["tool_calls"] = json.loads(messages[2]["tool_calls"])
+    assert (ids, [int(m) for m in mask]) == tok.render_chat(messages, tools=tools)
+    assert "SYS" in tok.decode(ds[1]["ids"].tolist())
+    # DPO pairs may call tools too (the row's "tools" here)
+    pair = {"tools": tools, "chosen": TOOL_ROW["conversations"][1:5],
+            "rejected": TOOL_ROW["conversations"][1:2] + [{"role": "assistant", "content": "No idea."}]}
+    dpo = DPODataset(write_jsonl(tmp_path / "dpo.jsonl", [pair]), tok, max_seq_len=1024, num_workers=0)
+    chosen = tok.decode(dpo[0]["chosen_ids"].tolist())
+    assert chosen.startswith("<|im_start|>system\n# Tools") and "<tool_response>" in chosen
+
+
+def test_empty_think_ratio_gives_that_share_of_plain_replies_an_empty_think_block(tmp_path):
+    """Adaptive thinking (MiniMind's post_processing_chat): a seeded share of rows write the empty think
+    block before each plain reply (learned, so the model answers after it); reasoning rows keep theirs."""
+    from minillm.tokenizer import THINK_OFF_PREFILL, Tokenizer
+    tok = Tokenizer.load()
+    rows = [{"conversations": conv(f"q{i}", f"a{i}", "more", "ok")} for i in range(60)]
+    rows.append({"conversations": [{"role": "user", "content": "2+2?"},
+                                   {"role": "assistant", "content": "4", "reasoning_content": "two and two"}]})
+    src = write_jsonl(tmp_path / "sft.jsonl", rows)
+    a = SFTDataset(src, tok, 256, num_workers=0, empty_think_ratio=0.3, seed=1)
+    b = SFTDataset(src, tok, 256, num_workers=0, empty_think_ratio=0.3, seed=1)
+    plain = SFTDataset(src, tok, 256, num_workers=0)
+    empty = [tok.decode(a[i]["ids"].tolist()).count("<|im_start|>assistant\n" + THINK_OFF_PREFILL) for i in range(60)]
+    assert set(empty) == {0, 2} and 8 <= empty.count(2) <= 30  # every reply of a chosen row, about 30% of rows
+    assert all(torch.equal(a[i]["ids"], b[i]["ids"]) for i in range(len(a)))  # seeded
+    for i in range(60):
+        ids, mask = a[i]["ids"].tolist(), a[i]["loss_mask"].tolist()
+        if empty[i]:
+            want = THINK_OFF_PREFILL + f"a{i}<|im_end|>" + THINK_OFF_PREFILL + "ok<|im_end|>"
+            assert tok.decode([t for t, m in zip(ids, mask) if m]) == want
+        else:
+            assert torch.equal(a[i]["ids"], plain[i]["ids"])
+    assert torch.equal(a[60]["ids"], plain[60]["ids"])  # the reasoning row: its own think block only
+    with pytest.raises(DataError, match="empty_think_ratio 1.5"):
+        SFTDataset(src, tok, 256, empty_think_ratio=1.5)
