@@ -28,14 +28,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minillm.checkpoint import load_checkpoint
-from minillm.config import stage_group, weight_path
+from minillm.config import ModelConfig, stage_group, weight_path
 from minillm.data import IGNORE_INDEX, LengthGroupedBatchSampler, SFTDataset, pad_collate
 from minillm.errors import NotFound, UserError
 from minillm.evaluation import heldout_accuracy, read_heldout
+from minillm.model import MiniLLM
 from minillm.trainer import Trainer, load_datasets, main_guard, prepare_stage
 
 STAGE_DEFAULTS = dict(
-    data_path="dataset/demo/sft.jsonl", init_from="", save_weight="full_dist", epochs=2,
+    data_path="dataset/demo/sft.jsonl", init_from="out/pretrain", save_weight="full_dist", epochs=2,
     batch_size=16, max_seq_len=256, learning_rate=1e-4, accumulation_steps=1,
     log_interval=10, save_interval=100,
 )
@@ -62,11 +63,16 @@ def add_distill_args(parser):
                        help="MiniMind's flag: the teacher's depth, checked against its checkpoint (0 = any)")
     group.add_argument("--teacher_use_moe", type=int, default=-1, choices=(-1, 0, 1),
                        help="MiniMind's flag: 1/0 = the teacher must (not) be MoE, checked (-1 = either)")
+    group.add_argument("--init_layers", default="", metavar="I,J,...",
+                       help="keep only these decoder layers of the --init_from checkpoint, in this order: a "
+                            "shallower student that starts from a deeper model's weights (DistilBERT's init; "
+                            "e.g. 0,2 of the 4-layer demo model); '' = all")
     group.add_argument("--chunk_size", type=int, default=4096, metavar="N",
                        help="positions per chunk of the teacher's logits and the KL: the teacher's "
                             "[positions, vocab] logits exist for one chunk at a time (0 = the whole batch at once)")
     group.add_argument("--report_path", default="auto",
-                       help="held-out {question, answer} rows answered greedily by the student after training; "
+                       help="held-out {question, answer} rows answered greedily by the student (and the teacher) "
+                            "after training; "
                             "auto = the demo's set when training on the demo data, '' = none")
     # MiniMind's names for the student's shape and weights: the same destinations as the model flags
     # (--hidden_size, ...) and --from_weight, so prepare_stage builds or loads the student from them;
@@ -155,7 +161,26 @@ def make_distill_loss(teacher, alpha: float, temperature: float, chunk_size: int
     return distill_loss
 
 
-# -- the teacher -----------------------------------------------------------------------------------
+# -- the student and the teacher ----------------------------------------------------------------
+def keep_layers(model: MiniLLM, layers: list[int], where: str) -> MiniLLM:
+    """A model of `len(layers)` decoder blocks holding `model`'s blocks `layers` (in that order) and its
+    embeddings, final norm and head: the student starts from the deeper model's weights."""
+    n = model.config.num_hidden_layers
+    if not layers or any(not 0 <= i < n for i in layers):
+        raise UserError(f"--init_layers {','.join(map(str, layers))}: {where} has layers 0..{n - 1}; "
+                        f"name some of them, e.g. 0,2")
+    shallow = MiniLLM(ModelConfig.from_dict({**model.config.to_dict(), "num_hidden_layers": len(layers)}))
+    state = model.state_dict()
+
+    def source(name):  # model.layers.<new>.… comes from model.layers.<layers[new]>.…
+        if not name.startswith("model.layers."):
+            return name
+        new, rest = name.removeprefix("model.layers.").split(".", 1)
+        return f"model.layers.{layers[int(new)]}.{rest}"
+    shallow.load_state_dict({name: state[source(name)] for name in shallow.state_dict()})
+    return shallow
+
+
 def teacher_path(args, save_dir) -> str:
     """Where the teacher is: --teacher_init_from, MiniMind's --from_teacher_weight, or <save_dir>/full_sft."""
     if args.teacher_init_from and args.from_teacher_weight:
@@ -170,11 +195,11 @@ def teacher_path(args, save_dir) -> str:
     return str(Path(save_dir) / TEACHER_WEIGHT)  # follows --save_dir, as the stages chain their folders
 
 
-def load_teacher(path: str, args, student, student_tok, device):
+def load_teacher(path: str, args, student, student_tok, device, kernel_backend: str = "auto"):
     """The teacher, frozen on `device`; a UserError when it cannot teach this student (another
     tokenizer or vocabulary, or a shape the teacher flags rule out)."""
     try:
-        teacher, teacher_tok = load_checkpoint(path, device=device)
+        teacher, teacher_tok = load_checkpoint(path, device=device, kernel_backend=kernel_backend)
     except FileNotFoundError as e:
         raise NotFound(f"{e} (the teacher: --teacher_init_from or --from_teacher_weight; the demo's is "
                        f"out/full_sft, made by train_full_sft.py)") from None
@@ -208,9 +233,19 @@ def main(argv=None):
     if args.chunk_size < 0:
         raise UserError(f"--chunk_size {args.chunk_size} must be >= 0 (0 = the whole batch at once)")
 
+    if args.init_layers:
+        if not cfg.init_from:
+            raise UserError("--init_layers picks layers of the --init_from checkpoint: give one (or drop the flag)")
+        try:
+            layers = [int(i) for i in args.init_layers.split(",")]
+        except ValueError:
+            raise UserError(f"--init_layers {args.init_layers!r}: expected layer numbers like 0,2") from None
+        stage.model = keep_layers(stage.model, layers, cfg.init_from)
+        stage.model_cfg = stage.model.config
+
     # the teacher: frozen, never handed to the Trainer, so never trained, wrapped in DDP or saved
     path = teacher_path(args, cfg.save_dir)
-    teacher = load_teacher(path, args, stage.model, tok, device)
+    teacher = load_teacher(path, args, stage.model, tok, device, stage.model_cfg.kernel_backend)
     stage.stage_args["teacher_init_from"] = path  # config.yaml records which teacher taught
 
     dataset, eval_set = load_datasets(stage, lambda data: SFTDataset(

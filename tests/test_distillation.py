@@ -237,7 +237,8 @@ def teacher_dir(tok, tmp_path, teacher):
 
 
 def test_smaller_student_learns_from_frozen_teacher(tok, tmp_path, sft_rows, teacher_dir):
-    trainer = run(tmp_path, sft_rows, "--preset", "debug", "--student_hidden_size", "32", "--student_num_layers", "1",
+    trainer = run(tmp_path, sft_rows, "--init_from", "", "--preset", "debug", "--student_hidden_size", "32",
+                  "--student_num_layers", "1",
                   "--max_steps", "8", "--log_interval", "1", "--learning_rate", "1e-2", "--eval_split", "0.2",
                   "--alpha", "0.5", "--temperature", "2")
     student_cfg = trainer.model.config
@@ -281,9 +282,36 @@ def test_vocabulary_mismatch_is_a_clear_error(tok, tmp_path, sft_rows, teacher_d
     other = Tokenizer(proto.SerializeToString())
     save_checkpoint(tmp_path / "other_tok", load_checkpoint(teacher_dir)[0], other)
     with pytest.raises(UserError, match="do not share a vocabulary"):
-        run(tmp_path, sft_rows, "--teacher_init_from", str(tmp_path / "other_tok"), "--preset", "debug")
+        run(tmp_path, sft_rows, "--teacher_init_from", str(tmp_path / "other_tok"), "--init_from", "",
+            "--preset", "debug")
     # same tokenizer, other output size
     with pytest.raises(UserError, match=r"vocab_size 2048\) and the student \(tokenizer \w+, vocab_size 2112\)"):
-        run(tmp_path, sft_rows, "--preset", "debug", "--vocab_size", "2112")
+        run(tmp_path, sft_rows, "--init_from", "", "--preset", "debug", "--vocab_size", "2112")
     with pytest.raises(UserError, match="the teacher: --teacher_init_from"):
-        run(tmp_path, sft_rows, "--teacher_init_from", str(tmp_path / "missing"), "--preset", "debug")
+        run(tmp_path, sft_rows, "--teacher_init_from", str(tmp_path / "missing"), "--init_from", "",
+            "--preset", "debug")
+
+
+def test_init_layers_keeps_the_named_layers(tok, tmp_path, sft_rows, teacher_dir):
+    base = tiny(tok, 4, num_hidden_layers=3)
+    shallow = train_distillation.keep_layers(base, [2, 0], "base")
+    assert shallow.config.num_hidden_layers == 2 and shallow.model.layers[1].layer == 1
+    ref, got = base.state_dict(), shallow.state_dict()
+    for name, t in got.items():
+        source = name.replace("layers.0.", "layers.2.").replace("layers.1.", "layers.0.") \
+            if name.startswith("model.layers.") else name
+        assert torch.equal(t, ref[source]), name
+    x = torch.randint(0, tok.vocab_size, (2, 12))
+    with torch.no_grad():  # the same blocks in the same order compute the same function
+        h = base.model.embed_tokens(x)
+        cos, sin = base._rope(12)
+        for i in (2, 0):
+            h, _ = base.model.layers[i](h, cos, sin)
+        torch.testing.assert_close(shallow(x), base.lm_head(base.model.norm(h)))
+    # through the script: a 1-layer student from the 2-layer teacher's checkpoint, then the errors
+    trainer = run(tmp_path, sft_rows, "--init_from", str(teacher_dir), "--init_layers", "1", "--max_steps", "1")
+    assert trainer.model.config.num_hidden_layers == 1
+    with pytest.raises(UserError, match="has layers 0..1"):
+        run(tmp_path, sft_rows, "--init_from", str(teacher_dir), "--init_layers", "0,5")
+    with pytest.raises(UserError, match="give one"):
+        run(tmp_path, sft_rows, "--init_from", "", "--init_layers", "0")
