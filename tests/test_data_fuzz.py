@@ -60,6 +60,11 @@ SFT_ROWS = [
     {"conversations": conv("Hi", "Hello! How can I help?", "Name a colour.", "Blue.")},
     {"conversations": conv("你好", "你好！有什么可以帮你？")},
     {"conversations": conv("Capital of France?", "Paris.")},
+    {"conversations": [  # MiniMind-3's tool-use row: tools and tool_calls as JSON strings, a tool-role result
+        {"role": "system", "content": "Tools ok.", "tools": '[{"name": "calculator", "parameters": {"type": "object"}}]'},
+        {"role": "user", "content": "6 * 7?"},
+        {"role": "assistant", "content": "", "tool_calls": '[{"name": "calculator", "arguments": {"expression": "6*7"}}]'},
+        {"role": "tool", "content": '{"result": 42}'}, {"role": "assistant", "content": "42."}]},
 ]
 GOOD = {
     "pretrain": [{"text": "The quick brown fox jumps over the lazy dog."}, {"text": "你好，世界。这是一个测试。"},
@@ -69,7 +74,9 @@ GOOD = {
     "dpo": [{"chosen": conv("2+2?", "4, because two and two make four."), "rejected": conv("2+2?", "5")},
             {"chosen": conv("你好", "你好！"), "rejected": conv("你好", "走开。")},
             {"chosen": [{"role": "system", "content": "Be kind."}] + conv("Hi", "Hello!"),
-             "rejected": [{"role": "system", "content": "Be kind."}] + conv("Hi", "Go away.")}],
+             "rejected": [{"role": "system", "content": "Be kind."}] + conv("Hi", "Go away.")},
+            {"tools": [{"name": "calculator"}], "chosen": SFT_ROWS[4]["conversations"][1:],
+             "rejected": conv("6 * 7?", "41.")}],
     "reasoning": [
         {"conversations": conv("2+2?", render_reasoning("Two and two make four.", "4"))},
         {"conversations": conv("3+4?") + [
@@ -165,6 +172,17 @@ FAULTS = {
     "reasoning_twice": (CHAT, lambda s: encode(with_messages(s, conv("q") + [
         {"role": "assistant", "content": render_reasoning("r", "a"), "reasoning_content": "r"}])),
         lambda s: "not both"),
+    "tool_calls_not_json": (CHAT, lambda s: encode(with_messages(s, conv("q") + [
+        {"role": "assistant", "content": "", "tool_calls": "[{'name': 'f'}]"}])),
+        lambda s: '"tool_calls" is a string that is not valid JSON'),
+    "tool_call_without_name": (CHAT, lambda s: encode(with_messages(s, conv("q") + [
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}])),
+        lambda s: '"tool_calls"[0] needs a "name"'),
+    "tool_calls_on_a_tool_message": (CHAT, lambda s: encode(with_messages(s, conv("q", "a") + [
+        {"role": "tool", "content": "r", "tool_calls": [{"name": "f"}]}] + conv("q", "a")[1:])),
+        lambda s: 'has "tool_calls"; only assistant turns call tools'),
+    "tools_not_a_list": (CHAT, lambda s: encode({**with_messages(s, conv("q", "a")), "tools": {"name": "f"}}),
+                         lambda s: 'the row "tools" must be a list, got an object'),
 }
 CASES = [(stage, fault) for fault, (stages, _, _) in FAULTS.items() for stage in stages]
 
@@ -288,7 +306,7 @@ def test_unknown_fields_are_ignored(tmp_path, stage):
         row = {**row, "id": 7, "source": {"x": [1]}}
         for field in ("conversations", "chosen", "rejected"):
             if field in row:
-                row[field] = [{**m, "name": "n", "weight": 0.5, "tool_calls": None} for m in row[field]]
+                row[field] = [{"tool_calls": None, **m, "name": "n", "weight": 0.5} for m in row[field]]
         return row
     plain = contents(build(stage, write(tmp_path / "plain.jsonl", GOOD[stage])))
     assert contents(build(stage, write(tmp_path / "extra.jsonl", [extra(r) for r in GOOD[stage]]))) == plain
