@@ -6,6 +6,11 @@
 
 Endpoints: POST /v1/chat/completions (stream or not), GET /v1/models, GET /health, and the chat
 page at / and /chat. Requests arriving together are decoded together (minillm/serve.py).
+Tool use as OpenAI's API has it: a request's `tools` are shown to the model, the `<tool_call>` blocks
+of its reply come back as `tool_calls` (finish_reason "tool_calls"), and the client runs them and
+sends the results back as `tool` messages. Thinking: `open_thinking` (or chat_template_kwargs
+open_thinking / enable_thinking) true opens a think block, false prefills an empty one; --open_thinking
+sets the default for requests that say neither.
 Needs the serve extra: pip install -e ".[serve]".
 """
 from __future__ import annotations

@@ -45,8 +45,9 @@ def add_minimind_flags(p):
     g.add_argument("--historys", type=int, default=None, metavar="N", help="= --history_cnt N")
     g.add_argument("--out_dir", default=None, metavar="DIR", help="(MiniMind2) = --save_dir DIR")
     g.add_argument("--open_thinking", type=int, choices=(0, 1), default=None,
-                   help="1: let a reasoning model think, 0: prefill an empty think block (the chat's /think on|off "
-                        "as it starts; default on)")
+                   help="MiniMind's thinking switch: 1 opens a think block after the assistant header, 0 prefills "
+                        "an empty one so the model answers directly (the chat's /think on|off as it starts; the "
+                        "server's default for requests that do not say); not given: the model decides")
     g.add_argument("--inference_rope_scaling", nargs="?", const=True, default=None, metavar="",
                    help="refused: YaRN RoPE scaling is not implemented yet")
     for name, kind in (("hidden_size", int), ("num_hidden_layers", int), ("use_moe", int)):
