@@ -32,7 +32,16 @@ def _stable_uniforms(seed: int, lineno: int) -> tuple[float, int]:
 
 
 def _truncated_row(tokenizer, messages, max_seq_len: int, tools=None) -> tuple[list[int], list[int]]:
-    ids, mask = tokenizer.render_chat(messages, tools=tools) if tools else tokenizer.render_chat(messages)
+    if not tools:
+        ids, mask = tokenizer.render_chat(messages)
+    else:
+        try:
+            ids, mask = tokenizer.render_chat(messages, tools=tools)
+        except TypeError as e:  # a tokenizer class whose render_chat override predates tools
+            if "tools" not in str(e):
+                raise
+            raise ValueError(f"the row has tools, but {type(tokenizer).__name__}.render_chat takes no tools "
+                             f"argument; update it to pass tools on to Tokenizer.render_chat") from None
     if len(ids) != len(mask):
         raise ValueError(f"render_chat returned {len(ids)} ids but {len(mask)} mask entries")
     # truncate ids and mask together: a row holds max_seq_len inputs plus one shifted target
