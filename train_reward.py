@@ -30,7 +30,8 @@ def add_reward_args(parser):
     group = stage_group(parser, "reward model")
     group.add_argument("--center_rewards_coefficient", type=float, default=0.0,
                        help="weight of an L2 penalty on r(chosen) + r(rejected) that keeps rewards centred on 0 "
-                            "(TRL's RewardConfig option; 0 = off, 0.01 is the value its authors suggest)")
+                            "(TRL's RewardConfig option, from Eisenstein et al. 2023, eq. 2; 0 = off, TRL "
+                            "recommends 0.01)")
     group.add_argument("--report_path", default="auto",
                        help="held-out {question, chosen, rejected} rows scored before and after training; "
                             "auto = the demo's set when training on the demo data, '' = none")
