@@ -3,15 +3,24 @@
     python train_lora.py                                       # demo: lora_medical on out/full_sft
     python train_lora.py --lora_name lora_identity             # dataset/demo/lora_identity.jsonl
     python train_lora.py --lora_name lora_medical --data_path lora_medical.jsonl   # MiniMind's real file
+    python train_lora.py --use_dora 1                          # DoRA: + a learnt magnitude per output row
+    python train_lora.py --quantize nf4                        # QLoRA: the frozen base in 4-bit NF4
 
 The base model is frozen; only the adapters (lora_A, lora_B in every targeted nn.Linear) reach
 the optimizer, and only they are saved, to <save_dir>/<lora_name>/ (adapter.safetensors +
 adapter_config.yaml, + trainer_state.pt for --from_resume). `eval_model.py --lora_name NAME`
 loads them onto the base.
+
+With --quantize nf4 the decoder blocks' linear weights are stored as 4-bit NF4 blocks (minillm.quant,
+~4.5 bits a weight, ~4.13 with --double_quant 1) before the adapters go in; the adapters stay in full
+precision and the adapter folder still holds only them (its config records the quantisation, so
+loading it quantises the base the same way).
 """
 from minillm.data import IGNORE_INDEX, LengthGroupedBatchSampler, SFTDataset, pad_collate
 from minillm.lora import LoRALinear, add_lora_flags, lora_targets
+from minillm.quant import QUANT_TYPES, describe, quantize_model
 from minillm.config import stage_group
+from minillm.errors import UserError
 from minillm.trainer import Trainer, load_datasets, main_guard, prepare_stage
 
 STAGE_DEFAULTS = dict(
@@ -27,21 +36,29 @@ def add_lora_args(parser):
                        help="adapter name: saved to <save_dir>/<lora_name>/; without --data_path the data is "
                             "dataset/demo/<lora_name>.jsonl")
     add_lora_flags(group)
+    group.add_argument("--use_dora", type=int, default=0,
+                       help="1 = DoRA: also learn a magnitude m per output row, W' = m * (W + s*B@A) / ||W + s*B@A||")
+    group.add_argument("--quantize", default="none", choices=QUANT_TYPES,
+                       help="nf4 = QLoRA: store the frozen base's decoder linear weights as 4-bit NF4 blocks")
+    group.add_argument("--quant_block_size", type=int, default=64, help="values per NF4 block (one absmax each)")
+    group.add_argument("--double_quant", type=int, default=0,
+                       help="1 = quantise the NF4 blocks' absmax scales too (int8 per 256): ~4.13 bits a weight")
 
 
 def inject_lora(model, args):
     """Freeze the base, wrap each targeted nn.Linear in a LoRALinear; -> the adapter parameters.
 
     A wrapped layer computes W x + (alpha / r) * B (A x): A [r, in] starts random, B [out, r] at
-    zero, so the fresh adapter changes nothing and training moves only A and B.
+    zero, so the fresh adapter changes nothing and training moves only A and B. With DoRA it computes
+    m * (W + s B A) x / ||W + s B A|| (norm per output row), m [out] starting at ||W||, and m trains too.
     """
     model.requires_grad_(False)
     adapters = []
     for parent, name, linear in lora_targets(model, args.lora_targets):
         wrapped = LoRALinear(linear, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                             rslora=bool(args.use_rslora))
+                             rslora=bool(args.use_rslora), use_dora=bool(args.use_dora))
         setattr(parent, name, wrapped)
-        adapters += [wrapped.lora_A, wrapped.lora_B]
+        adapters += wrapped.adapter_params()
     return adapters
 
 
@@ -62,6 +79,10 @@ def main(argv=None):
         stage.on_demo_data = True
     cfg.save_weight = cfg.save_weight or args.lora_name
 
+    if args.double_quant and args.quantize == "none":
+        raise UserError("--double_quant 1 quantises the NF4 scales of a quantised base: add --quantize nf4")
+    # QLoRA: the frozen base to 4-bit first, so the adapters wrap the NF4 layers
+    quant_report = quantize_model(stage.model, args.quantize, args.quant_block_size, bool(args.double_quant))
     lora_params = inject_lora(stage.model, args)
 
     dataset, eval_set = load_datasets(stage, lambda path: SFTDataset(
@@ -71,9 +92,11 @@ def main(argv=None):
     collate = pad_collate(stage.tokenizer.pad_id)
     if stage.dist.is_main:
         n_lora = sum(p.numel() for p in lora_params)
-        print(f"LoRA {args.lora_name}: {n_lora / 1e3:.1f}K adapter parameters "
-              f"({100 * n_lora / stage.model.num_params():.2f}% of {stage.model.num_params() / 1e6:.2f}M) on "
-              f"{cfg.init_from}; data: {dataset.report()}")
+        n_model = stage.model.num_params() + quant_report["n_weights"]  # NF4 weights are buffers, not parameters
+        print(f"{'DoRA' if args.use_dora else 'LoRA'} {args.lora_name}: {n_lora / 1e3:.1f}K adapter parameters "
+              f"({100 * n_lora / n_model:.2f}% of {n_model / 1e6:.2f}M) on {cfg.init_from}; data: {dataset.report()}")
+        if quant_report["n_layers"]:
+            print(describe(quant_report))
 
     # only the adapters reach the optimizer, and only they are saved (with the resume state)
     trainer = Trainer(stage, dataset, sampler, collate, params=lora_params, save_adapter=True)

@@ -1,0 +1,214 @@
+"""NF4 weights for QLoRA, hand-written (no bitsandbytes): a frozen base at ~4.5 bits per weight.
+
+    report = quantize_model(model)                   # every nn.Linear in the decoder blocks -> NF4Linear
+    params = apply_lora(model, rank=8)               # adapters (LoRA or DoRA) on top, in full precision
+    print(report)                                    # base linear weights: 4.19 MB -> 0.59 MB (4.50 bits/weight)
+
+NF4 (Dettmers et al. 2023, QLoRA): the flattened weight is cut into blocks of 64 values; each block
+keeps its absolute maximum (fp32) and, per value, the index (4 bits) of the nearest of 16 "normal
+float" levels in [-1, 1] (bitsandbytes' published table, below), two indices per byte, the first in
+the high nibble. A value comes back as level[index] * absmax: the error is at most half the widest
+gap between neighbouring levels times the block's absmax, and values that are levels come back exactly.
+
+Double quantisation (the paper's second step, optional): the fp32 absmaxes minus their mean are
+quantised again, to int8 in blocks of 256 with one fp32 scale per block, so the per-weight overhead
+falls from 32/64 = 0.5 bits to 8/64 + 32/(64*256) ~= 0.127 bits. (bitsandbytes uses its non-linear
+8-bit "dynamic" map there; this uses a linear int8 map: a different but bounded error.)
+
+Forward dequantises the weight to the compute dtype (the autocast dtype under AMP) on the fly and
+does one matmul; the backward dequantises again instead of keeping the full weight alive between
+forward and backward (bitsandbytes' MatMul4Bit does the same), so only the 4-bit codes stay resident.
+The weight is frozen: NF4Linear has no trainable weight, only its (full-precision) bias if any.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minillm.errors import UserError
+
+# bitsandbytes' NF4 levels (functional.py, get_4bit_type("nf4")): quantiles of N(0, 1) scaled to [-1, 1],
+# with an exact 0 and 8 positive / 7 negative levels
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+BLOCK_SIZE, ABSMAX_BLOCK_SIZE = 64, 256
+QUANT_TYPES = ("none", "nf4")
+
+
+def nf4_levels(device=None) -> torch.Tensor:
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+
+
+def _blocks(flat: torch.Tensor, size: int) -> torch.Tensor:
+    """[n] -> [ceil(n / size), size], zero-padded at the end."""
+    pad = (-flat.numel()) % size
+    return F.pad(flat, (0, pad)).view(-1, size)
+
+
+def quantize_nf4(weight: torch.Tensor, block_size: int = BLOCK_SIZE, double_quant: bool = False) -> dict:
+    """A float tensor -> {"codes": uint8 [ceil(n/block)*block/2] (two 4-bit level indices a byte),
+    "absmax": fp32 [blocks]} or, with double_quant, the absmax as {"absmax_codes": int8 [blocks],
+    "absmax_scale": fp32 [ceil(blocks/256)], "absmax_offset": fp32 []}."""
+    if block_size <= 0 or block_size % 2:
+        raise UserError(f"the NF4 block size must be a positive even number, got {block_size}")
+    blocks = _blocks(weight.detach().reshape(-1).float(), block_size)
+    absmax = blocks.abs().amax(dim=1)
+    # an all-zero block has absmax 0: divide by 1 instead, every value is then level 0.0 (index 7)
+    normalized = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(1)
+    levels = nf4_levels(weight.device)
+    # the nearest level: how many midpoints between neighbouring levels lie below the value
+    idx = torch.bucketize(normalized, (levels[1:] + levels[:-1]) / 2).to(torch.uint8).view(-1)
+    state = {"codes": (idx[0::2] << 4) | idx[1::2]}
+    state.update(quantize_absmax(absmax) if double_quant else {"absmax": absmax})
+    return state
+
+
+def quantize_absmax(absmax: torch.Tensor, block_size: int = ABSMAX_BLOCK_SIZE) -> dict:
+    """The second quantisation: (absmax - mean) to int8 per block of 256, scale = the block's absmax / 127."""
+    offset = absmax.mean()
+    blocks = _blocks(absmax - offset, block_size)
+    scale = blocks.abs().amax(dim=1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
+    codes = torch.round(blocks / safe * 127).clamp(-127, 127).to(torch.int8).view(-1)[:absmax.numel()]
+    return {"absmax_codes": codes, "absmax_scale": scale, "absmax_offset": offset}
+
+
+def dequantize_absmax(state: dict) -> torch.Tensor:
+    if "absmax" in state:
+        return state["absmax"]
+    codes = state["absmax_codes"]
+    blocks = _blocks(codes.float(), ABSMAX_BLOCK_SIZE) * (state["absmax_scale"].float() / 127).unsqueeze(1)
+    return blocks.view(-1)[:codes.numel()] + state["absmax_offset"].float()
+
+
+def dequantize_nf4(state: dict, shape, dtype=torch.float32, block_size: int = BLOCK_SIZE) -> torch.Tensor:
+    """quantize_nf4's output -> the tensor of `shape` in `dtype` (level * absmax computed in fp32)."""
+    codes = state["codes"]
+    idx = torch.stack([codes >> 4, codes & 15], dim=-1).view(-1)
+    values = nf4_levels(codes.device)[idx.long()].view(-1, block_size)
+    values = values * dequantize_absmax(state).float().unsqueeze(1)
+    n = 1
+    for d in shape:
+        n *= d
+    return values.view(-1)[:n].view(shape).to(dtype)
+
+
+def nf4_error_bound() -> float:
+    """Half the widest gap between neighbouring NF4 levels (times a block's absmax: the round-trip bound)."""
+    return max(b - a for a, b in zip(NF4_LEVELS, NF4_LEVELS[1:])) / 2
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x @ dequant(W).T without saving the dequantised W for backward: it is rebuilt there from the codes.
+    W is frozen, so only x gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return F.linear(x, module.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out @ ctx.module.dequantize(grad_out.dtype), None
+
+
+class NF4Linear(nn.Module):
+    """A frozen nn.Linear whose weight is stored as NF4 blocks (buffers `codes`, `absmax` or the double-
+    quantised `absmax_codes` / `absmax_scale` / `absmax_offset`); the bias, if any, stays as it was."""
+
+    def __init__(self, linear: nn.Linear, block_size: int = BLOCK_SIZE, double_quant: bool = False):
+        super().__init__()
+        w = linear.weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.block_size, self.double_quant = block_size, double_quant
+        self.dtype = w.dtype  # what dequantize() returns by default: the weight's original dtype
+        for name, tensor in quantize_nf4(w, block_size, double_quant).items():
+            self.register_buffer(name, tensor)
+        self.bias = linear.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: int = BLOCK_SIZE, double_quant: bool = False):
+        return cls(linear, block_size, double_quant)
+
+    def quant_state(self) -> dict:
+        names = ("absmax_codes", "absmax_scale", "absmax_offset") if self.double_quant else ("absmax",)
+        return {name: getattr(self, name) for name in ("codes",) + names}
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        return dequantize_nf4(self.quant_state(), (self.out_features, self.in_features), dtype or self.dtype,
+                              self.block_size)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight (a new tensor each time: writing into it changes nothing)."""
+        return self.dequantize()
+
+    def forward(self, x, bias: bool = True):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x = x.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):  # x and the weight are already in the compute dtype
+            out = _NF4Matmul.apply(x, self)
+        if bias and self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes the quantised weight takes (codes and scales; the bias is not counted)."""
+        return sum(t.numel() * t.element_size() for t in self.quant_state().values())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 block={self.block_size}, "
+                f"double_quant={self.double_quant}, dtype={self.dtype}")
+
+
+def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear modules inside the decoder blocks (attention and MLP / expert projections); the
+    embedding, the output head and the MoE router (`mlp.gate`, which picks experts) stay as they are."""
+    return [(name, m) for name, m in model.named_modules()
+            if type(m) is nn.Linear and ".layers." in f".{name}" and not name.endswith(".gate")]
+
+
+def quantize_model(model: nn.Module, quant_type: str = "nf4", block_size: int = BLOCK_SIZE,
+                   double_quant: bool = False) -> dict:
+    """Replace the decoder blocks' nn.Linear layers by NF4Linear in place (before adapters go in);
+    -> {"n_layers", "n_weights", "bytes_before", "bytes_after", "bits_per_weight"} of those weights."""
+    if quant_type not in QUANT_TYPES:
+        raise UserError(f"unknown --quantize {quant_type!r}; choose one of {list(QUANT_TYPES)}")
+    inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
+    if any(type(m).__name__ == "LoRALinear" for m in inner.modules()):
+        raise UserError("quantize the base model before adding LoRA adapters (the adapters wrap the NF4 layers)")
+    report = {"n_layers": 0, "n_weights": 0, "bytes_before": 0, "bytes_after": 0, "bits_per_weight": 0.0}
+    if quant_type == "none":
+        return report
+    layers = quantizable_linears(inner)
+    if not layers:
+        raise UserError("--quantize nf4: the model has no nn.Linear layers inside decoder blocks to quantise")
+    for name, linear in layers:
+        parent_name, _, child = name.rpartition(".")
+        q = NF4Linear(linear, block_size, double_quant)
+        setattr(inner.get_submodule(parent_name) if parent_name else inner, child, q)
+        report["n_layers"] += 1
+        report["n_weights"] += linear.weight.numel()
+        report["bytes_before"] += linear.weight.numel() * linear.weight.element_size()
+        report["bytes_after"] += q.nbytes()
+    report["bits_per_weight"] = 8 * report["bytes_after"] / report["n_weights"]
+    return report
+
+
+def quant_settings(model: nn.Module) -> dict | None:
+    """{"type": "nf4", "block_size", "double_quant"} of the model's NF4 layers, or None (not quantised)."""
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    if not layers:
+        return None
+    return {"type": "nf4", "block_size": layers[0].block_size, "double_quant": layers[0].double_quant}
+
+
+def describe(report: dict) -> str:
+    return (f"NF4 base: {report['n_layers']} linear layers, {report['n_weights'] / 1e6:.2f}M weights: "
+            f"{report['bytes_before'] / 2**20:.2f} MiB -> {report['bytes_after'] / 2**20:.2f} MiB "
+            f"({report['bits_per_weight']:.3f} bits/weight)")
