@@ -172,8 +172,9 @@ def make_ppo_rollout(rows, tokenizer, reward_fn, reference, args, seed_fn, micro
                      kl_box: dict):
     """The trainer's `rollout(model, micro_batches)`: samples completions for the step's prompts with the
     policy of `model` (a PolicyAndValue), builds the experience and yields the step's updates.
-    `reference(ids) -> logits` is the frozen reference; `seed_fn()` -> this step's seed; `kl_box["approxkl"]` is where the loss adds each
-    update's approximate KL (read here for the early stop). `rollout.scores` keeps each step's mean score."""
+    `reference(ids) -> logits` is the frozen reference; `seed_fn()` -> this step's seed; `kl_box["approxkl"]`
+    is where the loss adds each update's approximate KL (read here for the early stop). `rollout.scores`
+    keeps each step's mean score (over all ranks), `rollout.early_stops` counts the stopped steps."""
     sampling = SamplingParams(max_new_tokens=args.max_gen_len, temperature=args.temperature, top_k=0, top_p=1.0,
                               stop_ids=tokenizer.stop_ids)
 
@@ -197,7 +198,7 @@ def make_ppo_rollout(rows, tokenizer, reward_fn, reference, args, seed_fn, micro
         cpu_gen = torch.Generator().manual_seed(step_seed)  # mini-batch order
         prompts = [p for b in micro_batches for p in b["prompts"]]
         prompt_rows = [rows[int(i)] for b in micro_batches for i in b["index"]]
-        with torch.no_grad(), autocast:
+        with torch.no_grad():  # sampled in the weights' dtype (a KV cache in autocast's would not match)
             ro = sample_rollouts(model.policy, prompts, 1, sampling, tokenizer.pad_id, gen)
         scores, parts = reward_fn(prompt_rows, ro)
         scores = scores.float()
@@ -226,10 +227,10 @@ def make_ppo_rollout(rows, tokenizer, reward_fn, reference, args, seed_fn, micro
                  "completions/mean_length": mask.float().sum(1).mean()}
         stats.update({f"rewards/{name}": value.float().mean() for name, value in parts.items()})
         rollout.scores.append(float(all_ranks_mean(scores.mean())))
-        if args.kl_target > 0:  # every rank moves the coefficient by the same all-rank KL
+        if args.kl_target > 0:  # every rank moves the coefficient by the same all-rank KL and rollout count
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             model.kl_coef.fill_(adaptive_kl_coef(kl_coef, float(all_ranks_mean(mean_kl)), args.kl_target,
-                                                 len(prompts) * (dist.get_world_size() if dist.is_initialized() else 1),
-                                                 args.kl_horizon))
+                                                 len(prompts) * world, args.kl_horizon))
 
         experience = {"ids": ro.ids, "loss_mask": ro.loss_mask, "old_logprobs": logprobs, "old_values": values,
                       "returns": returns, "advantages": advantages}
@@ -303,7 +304,8 @@ def greedy_scores(policy, tokenizer, dataset, reward_fn, n_prompts: int, max_gen
 
 
 def main(argv=None, reward_fn=None):
-    """`reward_fn(rows, rollouts) -> (scores [N], parts)` replaces --rewards (a notebook's own reward)."""
+    """-> the Trainer (with .rollout_scores and .report). `reward_fn(rows, rollouts) -> (scores [N], parts)`
+    replaces --rewards (a notebook's or a test's own reward)."""
     stage, args = prepare_stage(__doc__, STAGE_DEFAULTS, argv, extra_args=add_ppo_args)
     cfg, device, dist_info = stage.cfg, stage.dist.device, stage.dist
     if cfg.eval_data_path or cfg.eval_split:
@@ -319,7 +321,9 @@ def main(argv=None, reward_fn=None):
     if cfg.max_seq_len + args.max_gen_len > room:
         raise UserError(f"--max_seq_len {cfg.max_seq_len} (prompt) + --max_gen_len {args.max_gen_len} exceeds the "
                         f"model's {room} positions; lower one of them")
-    rewards_spec = args.rewards if args.rewards != "auto" else (MODEL_DEFAULT if args.reward_model_path else RULE_DEFAULT)
+    rewards_spec = args.rewards
+    if rewards_spec == "auto":
+        rewards_spec = MODEL_DEFAULT if args.reward_model_path else RULE_DEFAULT
     reward_model = None
     if reward_fn is None:
         if args.reward_model_path:
@@ -368,12 +372,12 @@ def main(argv=None, reward_fn=None):
     before, n_report = {}, args.report_prompts if dist_info.is_main else 0
     if n_report:
         before["reward"] = greedy_scores(policy, stage.tokenizer, dataset, reward_fn, n_report, args.max_gen_len)
-        if report_rows:
-            before["heldout"] = heldout_accuracy(policy, stage.tokenizer, report_rows)
+    if report_rows:
+        before["heldout"] = heldout_accuracy(policy, stage.tokenizer, report_rows)
 
     autocast = autocast_context(training_dtype(cfg.dtype, device), device)
     kl_box = {}
-    micro_rows = max(1, cfg.batch_size)
+    micro_rows = cfg.batch_size  # rows per forward, in the experience passes and in the updates
     trainer = Trainer(stage, dataset, sampler, prompt_collate, params=params, save_adapter=bool(args.use_lora),
                       checkpoint_model=policy)
     rollout = make_ppo_rollout(dataset.rows, stage.tokenizer, reward_fn, reference, args,

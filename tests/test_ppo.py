@@ -261,8 +261,9 @@ def sft_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo")
     tok = Tokenizer.load()
     save_checkpoint(root / "sft", tiny_model(0, vocab_size=tok.vocab_size), tok)
-    rows = [{"conversations": [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": ""}],
-             "answer": str(a + b)} for a, b in zip(range(1, 33), range(40, 8, -1))]
+    rows = [{"conversations": [{"role": "user", "content": f"What is {a} + {b}?"},
+                               {"role": "assistant", "content": ""}], "answer": str(a + b)}
+            for a, b in zip(range(1, 33), range(40, 8, -1))]
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return root
 
