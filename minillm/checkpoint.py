@@ -1,4 +1,4 @@
-"""Checkpoint folders: model.safetensors + config.yaml + tokenizer.model (+ trainer_state.pt).
+"""Checkpoint folders: model.safetensors + config.yaml + tokenizer.model (+ trainer_state.pt, + dcp/).
 
 Every save goes to a temporary folder that is renamed into place, so a crash mid-save
 never leaves a broken checkpoint: at worst the previous one survives as `<name>.old`,
@@ -11,6 +11,7 @@ import os
 import pickle
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,14 +20,16 @@ from minillm.config import ModelConfig, TrainConfig, load_yaml, save_yaml
 from minillm.errors import NotFound, UserError
 
 WEIGHTS, CONFIG, TOKENIZER, STATE = "model.safetensors", "config.yaml", "tokenizer.model", "trainer_state.pt"
+SHARDED = "dcp"  # --fsdp 1: the sharded model and optimizer state (torch.distributed.checkpoint), any world size
 
 
-def model_state_dict(model, dtype: torch.dtype | None = None) -> dict:
-    """Contiguous CPU tensors, the tied output head left out (it is the embedding)."""
+def model_state_dict(model, dtype: torch.dtype | None = None, weights: dict | None = None) -> dict:
+    """Contiguous CPU tensors, the tied output head left out (it is the embedding). `weights`: the
+    model's full state dict gathered elsewhere (a sharded model's, see Trainer.save) instead of its own."""
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
     state = {}
-    for name, t in model.state_dict().items():
+    for name, t in (weights if weights is not None else model.state_dict()).items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         t = t.detach()
@@ -38,11 +41,16 @@ def model_state_dict(model, dtype: torch.dtype | None = None) -> dict:
 
 def save_checkpoint(folder, model, tokenizer=None, train_cfg: TrainConfig | None = None,
                     trainer_state: dict | None = None, extra: dict | None = None,
-                    dtype: torch.dtype | None = None) -> Path:
-    """Write a checkpoint folder atomically (temp folder, then rename)."""
+                    dtype: torch.dtype | None = None, weights: dict | None = None,
+                    write_more: Callable[[Path], None] | None = None) -> Path:
+    """Write a checkpoint folder atomically (temp folder, then rename). `weights`: the full state dict
+    to write instead of `model.state_dict()`; `write_more(tmp)` adds files (a sharded checkpoint) to the
+    temp folder before it is renamed into place."""
     inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
     with atomic_folder(folder) as tmp:
-        save_file(model_state_dict(model, dtype), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if write_more is not None:
+            write_more(tmp)
+        save_file(model_state_dict(model, dtype, weights), str(tmp / WEIGHTS), metadata={"format": "pt"})
         save_yaml(tmp / CONFIG, inner.config, train_cfg, extra)
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -80,6 +88,9 @@ def atomic_folder(folder):
 
 def _fsync_dir(folder: Path):
     for f in folder.iterdir():
+        if f.is_dir():  # a sharded checkpoint's dcp/ folder
+            _fsync_dir(f)
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
 

@@ -242,6 +242,12 @@ class TrainConfig:
                            "(0 = off: train)", default=0)
     benchmark_warmup: int = _help("steps --benchmark runs before its clock starts (compilation, allocator, "
                                   "loader warm-up)", default=5)
+    fsdp: int = _help("1 = shard parameters, gradients and optimizer state over the processes (FSDP2: per decoder "
+                      "block and at the root; bf16 compute with fp32 master weights and reductions on CUDA); "
+                      "checkpoints add a dcp/ folder that resumes on any number of processes", default=0)
+    grad_checkpointing: int = _help("activation checkpointing: recompute decoder blocks in the backward pass "
+                                    "instead of keeping their activations (0 = off, 1 = every block, N = every "
+                                    "N-th block: less recompute, less memory saved)", default=0)
 
     def __post_init__(self):
         self.validate()
@@ -283,6 +289,8 @@ class TrainConfig:
             ("benchmark", self.benchmark >= 0, "must be >= 0 (0 = off)"),
             ("benchmark_warmup", self.benchmark_warmup >= 1, "must be at least 1"),
             ("max_bad_steps", self.max_bad_steps >= 1, "must be at least 1"),
+            ("fsdp", self.fsdp in (0, 1), "must be 1 or 0"),
+            ("grad_checkpointing", self.grad_checkpointing >= 0, "must be >= 0 (0 = off, 1 = every block)"),
         ]
         problems = [f"--{name} {getattr(self, name)!r} {rule}" for name, fine, rule in rules if not fine]
         if problems:
@@ -470,7 +478,8 @@ TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "optimisation": ("epochs", "max_steps", "batch_size", "accumulation_steps", "learning_rate", "min_lr_ratio",
                      "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "nan_policy",
                      "max_bad_steps", "optimizer", "muon_lr", "muon_momentum", "muon_adapters"),
-    "hardware": ("device", "dtype", "use_compile", "compile_mode", "benchmark", "benchmark_warmup"),
+    "hardware": ("device", "dtype", "use_compile", "compile_mode", "benchmark", "benchmark_warmup", "fsdp",
+                 "grad_checkpointing"),
     "checkpointing": ("save_dir", "save_weight", "init_from", "save_interval", "from_resume", "overwrite",
                       "keep_last"),
     "logging": ("log_interval", "use_tensorboard"),

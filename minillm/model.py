@@ -301,8 +301,14 @@ class MiniLLM(nn.Module):
             start = cache.length
             cos, sin, position_ids, mask = self._cached_positions(cache, start, T)
         aux_total = x.new_zeros((), dtype=torch.float32)
-        for block in self.model.layers:
-            x, aux = block(x, cos, sin, cache, mask)
+        # activation checkpointing (the trainer's --grad_checkpointing N, a training switch kept out of the
+        # saved config): every N-th block keeps only its input and recomputes the rest in the backward pass
+        every = getattr(self, "grad_checkpointing", 0) if self.training and torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.model.layers):
+            if every and cache is None and i % every == 0:
+                x, aux = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, aux = block(x, cos, sin, cache, mask)
             if aux is not None:
                 aux_total = aux_total + aux
         if cache is not None:

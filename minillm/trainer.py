@@ -1,9 +1,10 @@
 """The shared training loop: the plumbing every stage needs and none of the stage's math.
 
 A stage script builds the model, the dataset and a `loss_fn(model, batch) -> (loss, metrics)`,
-then calls `Trainer(...).fit()`. The trainer owns: devices and DDP, autocast, gradient
-accumulation (all-reduce on the last micro-step only), the warm-up + cosine schedule,
-clipping, AdamW, checkpoints and exact resume, and logging (stdout and TensorBoard).
+then calls `Trainer(...).fit()`. The trainer owns: devices, DDP or FSDP2 (--fsdp 1), autocast,
+activation checkpointing, gradient accumulation (gradients reduced on the last micro-step only),
+the warm-up + cosine schedule, clipping, AdamW, checkpoints and exact resume, and logging
+(stdout and TensorBoard).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from minillm import runs
-from minillm.checkpoint import STATE, WEIGHTS, load_trainer_state, resolve_checkpoint, save_checkpoint
+from minillm.checkpoint import SHARDED, STATE, WEIGHTS, load_trainer_state, resolve_checkpoint, save_checkpoint
 from minillm.config import COMPILE_MODES, ModelConfig, TrainConfig
 from minillm.errors import Interrupted, TrainingDiverged, UserError
 
@@ -221,6 +222,27 @@ def build_optimizer(named_params, cfg: TrainConfig, device: torch.device):
                                       adjust_lr_fn="original"), adamw)
 
 
+def shard_model(model: torch.nn.Module, device: torch.device, param_dtype: torch.dtype | None):
+    """FSDP2 (torch.distributed.fsdp.fully_shard) over all processes: one group per decoder block, so
+    one block's all-gather overlaps the previous block's compute and only one block is whole at a
+    time, then the root (embeddings, final norm, output head: tied weights share the root group).
+    Parameters, gradients and the optimizer state built on them are sharded 1/world per rank; the
+    sharded parameters stay fp32 (the master copy) and are gathered in `param_dtype` for compute
+    (bf16 on CUDA), with gradients reduced in fp32. The module moves to `device` as it is sharded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from minillm.model import Block
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for i, block in enumerate(blocks):
+        # the backward pass needs the last block first: keeping it gathered after the forward saves
+        # one all-gather per step (torchtitan does the same)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
 def text_targets(batch: dict):
     """(inputs, shifted labels) of the text a batch trains a language model on: pretraining rows (every
     token), chat rows (the assistant's tokens), preference pairs (the chosen replies); None otherwise."""
@@ -276,7 +298,7 @@ class Trainer:
                  checkpoint_model: torch.nn.Module | None = None):
         self.stage, self.cfg, self.dist = stage, stage.cfg, stage.dist
         self.device = stage.dist.device
-        self.model = stage.model.to(self.device)
+        self.model = stage.model
         self.dataset, self.sampler, self.collate = dataset, sampler, collate
         self.save_adapter = save_adapter
         self.checkpoint_model = checkpoint_model if checkpoint_model is not None else self.model
@@ -284,21 +306,37 @@ class Trainer:
         self.run_dir = Path(cfg.save_dir) / cfg.save_weight
         self.log_dir = Path(cfg.save_dir) / "logs" / cfg.save_weight
 
+        cuda = self.device.type == "cuda"
+        self.amp_dtype = training_dtype(cfg.dtype, self.device)
+        self.autocast = autocast_context(self.amp_dtype, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and self.amp_dtype == torch.float16)
+
+        # --fsdp 1: sharded across processes (in one process the model stays whole, but checkpoints take
+        # the same sharded form, so a run can move between 1 and N processes)
+        self.sharded = bool(cfg.fsdp) and self.dist.enabled
+        if cfg.fsdp:
+            self.check_fsdp_fits(checkpoint_model)
+        if cfg.grad_checkpointing:
+            self.enable_grad_checkpointing(cfg.grad_checkpointing)
         params = list(params) if params is not None else list(self.model.parameters())
         self.params = [p for p in params if p.requires_grad]
+        if self.sharded:  # fully_shard replaces the parameters: find the trained ones again by name
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            if any(id(p) not in names for p in self.params):
+                raise ValueError("--fsdp 1: every parameter to train must belong to the model")
+            trained = [names[id(p)] for p in self.params]
+            shard_model(self.model, self.device, self.amp_dtype if cuda else None)
+            by_name = dict(self.model.named_parameters())
+            self.params = [by_name[n] for n in trained]
+        self.model = self.model.to(self.device)
         wanted = {id(p) for p in self.params}
         self.optimizer = build_optimizer([(n, p) for n, p in self.model.named_parameters() if id(p) in wanted],
                                          cfg, self.device)
         # this run's flags, kept apart: a resumed optimizer state brings back the saved groups' values
         self.peak_lrs = [group["peak_lr"] for group in self.optimizer.param_groups]
 
-        cuda = self.device.type == "cuda"
-        self.amp_dtype = training_dtype(cfg.dtype, self.device)
-        self.autocast = autocast_context(self.amp_dtype, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and self.amp_dtype == torch.float16)
-
         wrapped = self.model
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel as DDP
             wrapped = DDP(self.model, device_ids=[self.device.index] if cuda else None)
         mode = cfg.compile_mode  # checked when the TrainConfig was built
@@ -327,6 +365,43 @@ class Trainer:
         self.eval_history: list[tuple[int, float]] = []  # (step, held-out loss)
         self.writer = None
 
+    # -- sharding and activation checkpointing ---------------------------------------------------
+    def check_fsdp_fits(self, checkpoint_model):
+        """--fsdp 1 shards one whole model trained by gradient steps; refuse by name what it does not cover."""
+        cfg = self.cfg
+        if self.save_adapter:
+            raise UserError("--fsdp 1 shards whole-model training; a LoRA adapter is small enough to train "
+                            "with --fsdp 0 (DDP replicates only the frozen base and the adapter)")
+        if checkpoint_model is not None and checkpoint_model is not self.model:
+            raise UserError("--fsdp 1 shards one model; this stage trains a model pair (e.g. PPO's policy and "
+                            "critic): use --fsdp 0")
+        if cfg.optimizer == "muon" and self.dist.enabled:
+            raise UserError("--optimizer muon with --fsdp 1: Muon orthogonalises whole matrices but FSDP2 gives "
+                            "each process a slice of rows; use --optimizer adamw with --fsdp 1, or --fsdp 0")
+        if self.amp_dtype == torch.float16:
+            raise UserError("--dtype float16 with --fsdp 1: fp16 needs a loss scaler that sharded gradients do "
+                            "not get here; use --dtype bfloat16")
+
+    def enable_grad_checkpointing(self, every: int):
+        """Every `every`-th decoder block recomputes its activations in the backward pass (the model's
+        forward reads `grad_checkpointing`, a training switch, not part of the saved ModelConfig)."""
+        decoders = [m for m in self.model.modules() if hasattr(m, "forward_hidden")]
+        if not decoders:
+            raise UserError(f"--grad_checkpointing {every}: this stage's model has no decoder blocks to "
+                            f"checkpoint; use --grad_checkpointing 0")
+        for module in decoders:
+            module.grad_checkpointing = every
+
+    def optimizers(self) -> list:
+        return list(self.optimizer.parts.values()) if isinstance(self.optimizer, MuonAdamW) else [self.optimizer]
+
+    def sharded_state(self) -> dict:
+        """The model's and optimizer's state as torch.distributed.checkpoint sees it: each rank's shards
+        under fully-qualified names (whole tensors in one process), which DCP reshards on load."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizers())
+        return {"model": model_state, "optimizer": optimizer_state}
+
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
         rngs = [rng_state()]
@@ -334,8 +409,10 @@ class Trainer:
             rngs = [None] * self.dist.world_size
             dist.all_gather_object(rngs, rng_state())
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                 "rng": rngs, "world_size": self.dist.world_size, "total_steps": self.total_steps}
+                 "scaler": self.scaler.state_dict(), "rng": rngs, "world_size": self.dist.world_size,
+                 "total_steps": self.total_steps, "fsdp": self.cfg.fsdp}
+        if not self.cfg.fsdp:  # --fsdp 1: the optimizer state lives in the sharded dcp/ folder
+            state["optimizer"] = self.optimizer.state_dict()
         if self.checkpoint_model is not self.model:
             state["other_tensors"] = self.other_tensors()
         return state
@@ -350,6 +427,8 @@ class Trainer:
     def save(self):
         self.check_finite_weights()  # on every rank (DDP keeps them equal), so all stop together
         state = self.state()  # a collective under DDP: every rank takes part
+        if self.cfg.fsdp:
+            return self.save_sharded(state)
         if self.dist.is_main:
             stage_doc = {"stage": self.stage.stage_args} if self.stage.stage_args else {}
             if self.save_adapter:
@@ -363,9 +442,52 @@ class Trainer:
         if self.dist.enabled:
             dist.barrier()
 
+    def save_sharded(self, state: dict):
+        """--fsdp 1: every rank writes its shards of the model and optimizer (torch.distributed.checkpoint,
+        resumable on any number of processes) into dcp/ of rank 0's temp folder; rank 0 adds the usual
+        single-file weights (gathered to its CPU, for eval and the next stage), config, tokenizer and
+        resume state; then the folder replaces the last one as a whole. The run folder must be on storage
+        every rank sees (one machine, or a shared file system across machines)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        shards = self.sharded_state()
+
+        def write_shards(tmp: Path | None):
+            box = [str(tmp) if tmp is not None else None]
+            if self.dist.enabled:
+                dist.broadcast_object_list(box, src=0)
+            dcp.save(shards, checkpoint_id=Path(box[0]) / SHARDED)
+
+        if self.dist.is_main:
+            stage_doc = {"stage": self.stage.stage_args} if self.stage.stage_args else {}
+            save_checkpoint(self.run_dir, self.model, self.stage.tokenizer, self.cfg, trainer_state=state,
+                            extra=stage_doc or None, weights=full, write_more=write_shards)
+            runs.record_history(self.run_dir, self.step, self.cfg.keep_last)
+        else:
+            write_shards(None)
+        if self.dist.enabled:
+            dist.barrier()
+
+    def load_sharded(self, folder: Path):
+        """Model and optimizer state from folder/dcp, resharded to this run's processes (any number)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        if not (folder / SHARDED).is_dir():
+            raise UserError(f"{folder} has no {SHARDED}/ folder (the sharded state --fsdp 1 resumes from)")
+        state = self.sharded_state()
+        dcp.load(state, checkpoint_id=folder / SHARDED)
+        set_state_dict(self.model, self.optimizers(), model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
     def check_finite_weights(self):
         """Never save non-finite weights: the run stops and the previous checkpoint stays."""
-        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
+        from torch.distributed.tensor import DTensor
+        local = [p.detach().to_local() if isinstance(p, DTensor) else p.detach() for p in self.model.parameters()]
+        finite = torch.stack([t.isfinite().all() for t in local]).all()
+        if self.sharded:  # each rank sees its shards: all must be finite
+            finite = finite.to(torch.int32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
             raise TrainingDiverged(f"step {self.step}: the weights hold NaN or inf values; nothing was saved, the "
                                    f"last checkpoint in {self.run_dir} is kept. Lower --learning_rate or check "
@@ -378,7 +500,9 @@ class Trainer:
             raise UserError(f"{folder} has no trainer_state.pt, so it cannot be resumed; "
                             f"start without --from_resume or pick another --save_weight")
         self.resume_warning = self.check_resume_fits(folder, state)
-        if self.save_adapter:
+        if self.cfg.fsdp:
+            self.load_sharded(folder)
+        elif self.save_adapter:
             from minillm.lora import load_lora
             load_lora(self.checkpoint_model, folder)
         else:
@@ -396,9 +520,16 @@ class Trainer:
     def check_resume_fits(self, folder: Path, state: dict) -> str | None:
         """Refuse to resume where the saved position or weights would mean something else in this run;
         settings that are safe to change (learning rate, schedule, length) only get a warning (returned)."""
-        if state["world_size"] != self.dist.world_size:
+        saved_fsdp = int(state.get("fsdp", 0))
+        if saved_fsdp != self.cfg.fsdp:
+            raise UserError(f"cannot resume {folder}: it was written with --fsdp {saved_fsdp}, this run has "
+                            f"--fsdp {self.cfg.fsdp}; resume with --fsdp {saved_fsdp}")
+        # a sharded checkpoint reshards to any number of processes; DDP's resume state is per rank
+        resharded = state["world_size"] != self.dist.world_size
+        if resharded and not self.cfg.fsdp:
             raise UserError(f"{folder} was written by {state['world_size']} processes, this run has "
-                            f"{self.dist.world_size}; resume with the same --nproc_per_node")
+                            f"{self.dist.world_size}; resume with the same --nproc_per_node (checkpoints of "
+                            f"--fsdp 1 runs resume on any number)")
         from minillm.config import load_yaml
         doc = load_yaml(folder / ("adapter_config.yaml" if self.save_adapter else "config.yaml"))
         saved_model = doc.get("base_model" if self.save_adapter else "model", {})
@@ -412,9 +543,15 @@ class Trainer:
                                 + "); resume with the original shape or start a new run")
         saved = doc.get("train", {})
         now = self.cfg.to_dict()
+        if resharded and saved.get("batch_size", now["batch_size"]) * state["world_size"] != \
+                now["batch_size"] * self.dist.world_size:
+            raise UserError(f"cannot resume {folder}: it was written by {state['world_size']} processes x --batch_size "
+                            f"{saved['batch_size']}, this run has {self.dist.world_size} x {now['batch_size']}; keep "
+                            f"processes x --batch_size the same ({state['world_size'] * saved['batch_size']} rows per "
+                            f"micro-batch step) so the saved data position means the same rows")
         unsafe = [k for k in ("data_path", "batch_size", "accumulation_steps", "max_seq_len", "seed", "init_from",
                               "optimizer")
-                  if k in saved and saved[k] != now[k]]
+                  if k in saved and saved[k] != now[k] and not (k == "batch_size" and resharded)]
         if unsafe:
             raise UserError(f"cannot resume {folder}: " + ", ".join(f"--{k} {saved[k]!r} -> {now[k]!r}" for k in unsafe)
                             + " changed, so the saved data position would point elsewhere; resume with the "
@@ -459,9 +596,10 @@ class Trainer:
             break
         else:
             raise UserError("--from_resume 1: no checkpoint of this run loads: " + "; ".join(failures))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.cfg.fsdp:  # (--fsdp 1: loaded with the model, from dcp/)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][self.dist.rank])
+        set_rng_state(state["rng"][self.dist.rank % len(state["rng"])])  # resharded: another rank's stream
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.log(f"resumed from {folder} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
         return True
@@ -542,7 +680,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, loss_fn: LossFn, eval_set) -> tuple[float, dict[str, float]]:
         """The stage's loss and metrics over the whole held-out set, normalised over all of it
-        (its batches are one "step"). Rank 0 only, on the plain model: no collectives."""
+        (its batches are one "step"). Rank 0 only, on the unwrapped model: no collectives (sharded:
+        every rank runs it alike, as each forward gathers the weights)."""
         from minillm.model import eval_mode
         order = np.argsort(-np.asarray(eval_set.lengths)) if getattr(eval_set, "lengths", None) is not None \
             else np.arange(len(eval_set))
@@ -574,7 +713,7 @@ class Trainer:
         return loss.item(), out
 
     def _run_eval(self, loss_fn, eval_set):
-        if self.dist.is_main:
+        if self.dist.is_main or self.sharded:
             loss, metrics = self.evaluate(loss_fn, eval_set)
             self.eval_history.append((self.step, loss))
             self.log(f"eval step {self.step}: loss {loss:.4f}" + "".join(f" {k} {v:.4f}" for k, v in metrics.items()))
@@ -659,19 +798,21 @@ class Trainer:
         update_loss = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             # gradients are all-reduced only on the last micro-batch of the update
-            last = i == len(micro_batches) - 1
-            sync = self.ddp_model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
-            with sync:
+            with self._gradient_sync(i == len(micro_batches) - 1):
                 with self.autocast:
                     loss, metrics = loss_fn(self.step_model, batch, totals)
-                # DDP averages gradients over ranks; the shares already sum over ranks, so scale them back up
+                # DDP and FSDP average gradients over ranks; the shares already sum over ranks, so scale them
+                # back up
                 self.scaler.scale(loss * world if world > 1 else loss).backward()
             update_loss += loss.detach().float()
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0) + v.detach().float()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0
-                     else total_grad_norm(self.params))  # the guard needs the norm even without clipping
+        if self.sharded:
+            grad_norm = self._clip_sharded()
+        else:
+            grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0
+                         else total_grad_norm(self.params))  # the guard needs the norm even without clipping
         bad = self._flag_nonfinite(grad_norm, update_loss)
         if not self.scaler.is_enabled():  # (fp16's GradScaler flags inf/NaN steps itself)
             self.optimizer.found_inf = found_inf.copy_(bad)
@@ -680,6 +821,35 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         step_loss += update_loss
         return grad_norm
+
+    def _gradient_sync(self, last: bool):
+        """Gradients are reduced across ranks on an update's last micro-batch only: DDP's no_sync() before
+        it; FSDP2 keeps the unsharded gradients until then (set_requires_gradient_sync)."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+        elif self.dist.enabled and not last:
+            return self.ddp_model.no_sync()
+        return contextlib.nullcontext()
+
+    def _clip_sharded(self) -> torch.Tensor:
+        """The global gradient norm of sharded gradients (each rank's shard norms, combined by one device
+        all-reduce) and clipping by it, as clip_grad_norm_ does for whole tensors."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.grad_clip, norm)
+        return norm
+
+    def _gather_for_use(self):
+        """After a sharded run: every rank gathers the whole model once and keeps it (no resharding after a
+        forward), so what a stage script then does with the model on rank 0 alone (held-out reports,
+        samples) needs no other rank. Collective: every rank calls it at the end of fit()."""
+        from torch.distributed.fsdp import FSDPModule
+        groups = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for module in groups:
+            module.set_reshard_after_forward(False)
+        for module in groups:
+            module.unshard()
 
     def fit(self, loss_fn: LossFn, eval_set=None, rollout: Rollout | None = None) -> list[float]:
         """Train to the end (resuming first with --from_resume 1), evaluating `eval_set` with the same
@@ -692,11 +862,17 @@ class Trainer:
         one). Every rank must yield the same number of updates. A step is one call, so the schedule,
         logging, checkpoints and resume count rollouts; the logged loss and metrics are means over a
         step's updates."""
+        if rollout is not None and self.sharded:
+            raise UserError("--fsdp 1 does not shard RL stages (ranks sample rollouts of different lengths, "
+                            "which sharded forwards cannot follow); use --fsdp 0")
         if not self.cfg.benchmark:  # a benchmark writes nothing: no run folder to claim
             self.claim_run_dir()
         try:
             with self._interrupts():
-                return self._fit(loss_fn, eval_set, rollout)
+                history = self._fit(loss_fn, eval_set, rollout)
+            if self.sharded:
+                self._gather_for_use()
+            return history
         finally:
             if self.writer is not None:
                 self.writer.close()
@@ -715,6 +891,8 @@ class Trainer:
             self.writer = SummaryWriter(str(self.log_dir))
         n_params = sum(p.numel() for p in self.params)
         precision = f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.amp_dtype else "float32"
+        precision += ", FSDP2 sharded" if self.sharded else ""
+        precision += f", grad checkpointing every {cfg.grad_checkpointing} block(s)" if cfg.grad_checkpointing else ""
         self.log(f"training {n_params / 1e6:.2f}M parameters on {self.dist.world_size} x {self.device} "
                  f"({precision}), {self.total_steps} steps of {cfg.batch_size} x {cfg.accumulation_steps} x "
                  f"{self.dist.world_size} rows; checkpoints -> {self.run_dir}, TensorBoard -> {self.log_dir}")
