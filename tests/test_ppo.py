@@ -289,7 +289,7 @@ def test_short_run_raises_a_toy_reward(sft_checkpoint):
     assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.2, scores
 
 
-def test_resume_mid_run_equals_the_uninterrupted_run(sft_checkpoint, monkeypatch):
+def test_resume_mid_run_equals_the_uninterrupted_run_and_saves_a_normal_policy(sft_checkpoint, monkeypatch):
     common = ("--max_steps", "4", "--save_interval", "2", "--kl_target", "0.5", "--kl_horizon", "50",
               "--learning_rate", "1e-3")
     whole = train_ppo.main(_argv(sft_checkpoint, "--save_weight", "whole", *common), reward_fn=low_ids)
@@ -322,19 +322,15 @@ def test_resume_mid_run_equals_the_uninterrupted_run(sft_checkpoint, monkeypatch
     assert "kl_coef" in critic_a and float(critic_a["kl_coef"]) != 0.02  # the controller moved it
     for k in critic_a:
         assert torch.equal(critic_a[k], critic_b[k]), k
-
-
-def test_saved_policy_is_a_normal_checkpoint(sft_checkpoint):
-    train_ppo.main(_argv(sft_checkpoint, "--save_weight", "plain", "--max_steps", "1"), reward_fn=low_ids)
-    folder = sft_checkpoint / "out" / "plain"
-    model, tok = load_checkpoint(folder)  # strict: the policy's tensors and nothing else
-    assert isinstance(model, MiniLLM) and tok is not None
+    # the saved policy is a normal checkpoint: strict loads (its tensors and nothing else), as eval_model's
     from minillm.cli import load_for_inference
-    loaded, _, _ = load_for_inference(types.SimpleNamespace(checkpoint=str(folder), device="cpu", save_dir="",
-                                                            model_mode=1))
-    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert isinstance(a, MiniLLM)
+    loaded, tok, _ = load_for_inference(types.SimpleNamespace(checkpoint=str(out / "whole"), device="cpu",
+                                                              save_dir="", model_mode=1))
+    assert tok is not None and all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),
+                                                                      loaded.state_dict().values()))
     start, _ = load_checkpoint(sft_checkpoint / "sft")
-    assert any(not torch.equal(p, q) for p, q in zip(model.state_dict().values(), start.state_dict().values()))
+    assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), start.state_dict().values()))
 
 
 def test_bad_flags_are_clear_errors(sft_checkpoint):
