@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from minillm.checkpoint import atomic_folder, read_safetensors, resolve_checkpoint
 from minillm.config import load_yaml
 from minillm.errors import NotFound, UserError
-from minillm.quant import NF4Linear, quant_settings, quantize_model
+from minillm.quant import NF4Linear, dequantize_model, quant_settings, quantize_model
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.yaml"
@@ -356,8 +356,13 @@ def load_lora(model: nn.Module, folder, quantize: bool = True) -> nn.Module:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its layer: a plain model again. On an NF4 base (QLoRA) the merged layers
+    hold dequantised W + update in full precision, and the layers without an adapter are dequantised too,
+    so the whole model is plain nn.Linear (4-bit rounding included: the base the adapter was trained on);
+    unmerge_lora puts the adapted layers back on their NF4 blocks, the others stay dequantised."""
     for m in lora_modules(model).values():
         m.merge()
+    dequantize_model(_unwrap(model))
     return model
 
 

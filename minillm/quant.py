@@ -200,6 +200,22 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", block_size: int = 
     return report
 
 
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Every NF4Linear -> an nn.Linear holding its dequantised weight (the same function, full precision,
+    4-bit rounding included): what a quantised model's merged export holds."""
+    for name, q in [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]:
+        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.codes.device,
+                           dtype=q.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(q.dequantize())
+            if q.bias is not None:
+                linear.bias.copy_(q.bias)
+        linear.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    return model
+
+
 def quant_settings(model: nn.Module) -> dict | None:
     """{"type": "nf4", "block_size", "double_quant"} of the model's NF4 layers, or None (not quantised)."""
     layers = [m for m in model.modules() if isinstance(m, NF4Linear)]

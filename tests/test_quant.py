@@ -10,7 +10,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import train_lora
-from minillm.checkpoint import WEIGHTS, save_checkpoint
+from minillm.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
 from minillm.config import ModelConfig
 from minillm.errors import UserError
 from minillm.lora import ADAPTER_WEIGHTS, LoRALinear, apply_lora, load_lora, merge_lora, read_lora_config, unmerge_lora
@@ -198,7 +198,6 @@ def test_train_lora_nf4_loss_falls_and_saves_only_the_adapter(tmp_path):
     ids = torch.randint(0, tok.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
     trainer.model.eval()
     want = trainer.model(ids)
-    from minillm.checkpoint import load_checkpoint
     fresh, _ = load_checkpoint(base, kernel_backend="torch")
     load_lora(fresh, folder)
     assert isinstance(fresh.model.layers[0].self_attn.q_proj.base, NF4Linear)
@@ -213,3 +212,32 @@ def test_train_lora_nf4_loss_falls_and_saves_only_the_adapter(tmp_path):
     assert trainer.history[-1] < trainer.history[0]
     with pytest.raises(UserError, match="--quantize nf4"):
         train_lora.main([a for a in common if a not in ("--quantize", "nf4")] + ["--double_quant", "1"])
+
+
+def test_merged_export_of_a_qlora_adapter_is_the_trained_function(tmp_path):
+    """export --merge of an adapter trained on NF4: dequantise, merge, keep full precision; transformers then
+    computes what the quantised model with its adapter did (layers without an adapter dequantised too)."""
+    transformers = pytest.importorskip("transformers")
+    from minillm.export import export_adapter
+    from minillm.lora import save_lora
+    tok = Tokenizer.load()
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("debug", vocab_size=tok.vocab_size, kernel_backend="torch")
+    base = save_checkpoint(tmp_path / "base", MiniLLM(cfg), tok)
+    torch.manual_seed(0)
+    model = MiniLLM(cfg)
+    quantize_model(model)
+    apply_lora(model, rank=4, alpha=8, targets="q_proj,v_proj", use_dora=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.05)
+    save_lora(tmp_path / "qlora", model, {"base": str(base)})
+    ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.eval()(ids)
+        export_adapter(tmp_path / "qlora", tmp_path / "merged", merge=True)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(hf(ids).logits, want, rtol=1e-4, atol=1e-4)
+        plain, _ = load_checkpoint(base, kernel_backend="torch")
+        assert (plain(ids) - want).abs().max() > 1e-3  # not the full-precision base's logits
