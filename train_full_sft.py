@@ -40,6 +40,10 @@ def add_sft_args(parser):
     group.add_argument("--system_prompt_prob", type=float, default=0.2,
                        help="probability that a conversation without a system message gets a random one "
                             "from a built-in bilingual list (0 = never)")
+    group.add_argument("--empty_think_ratio", type=float, default=0.0,
+                       help="adaptive thinking: this seeded share of plain replies gets an empty think block "
+                            "first, as MiniMind-3's post_processing_chat does (it uses 0.2), so the model learns "
+                            "to answer with thinking switched off (--open_thinking 0 at inference)")
 
 
 def sft_loss(model, batch, totals):
@@ -63,10 +67,11 @@ def main(argv=None):
 
     # rendered and masked once (rank 0 first); rows longer than max_seq_len + 1 are cut, mask with them.
     # The random system prompts augment training rows only; held-out rows are scored as written.
-    def build(path, system_prompt_prob=args.system_prompt_prob):
+    def build(path, system_prompt_prob=args.system_prompt_prob, empty_think_ratio=args.empty_think_ratio):
         return SFTDataset(path, stage.tokenizer, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines),
-                          system_prompts=SYSTEM_PROMPTS, system_prompt_prob=system_prompt_prob, seed=cfg.seed)
-    dataset, eval_set = load_datasets(stage, build, build_eval=lambda path: build(path, 0.0))
+                          system_prompts=SYSTEM_PROMPTS, system_prompt_prob=system_prompt_prob, seed=cfg.seed,
+                          empty_think_ratio=empty_think_ratio)
+    dataset, eval_set = load_datasets(stage, build, build_eval=lambda path: build(path, 0.0, 0.0))
     sampler = LengthGroupedBatchSampler(dataset.lengths, cfg.batch_size, stage.dist.rank, stage.dist.world_size,
                                         cfg.accumulation_steps, seed=cfg.seed)
     collate = pad_collate(stage.tokenizer.pad_id)

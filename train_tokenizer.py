@@ -21,8 +21,11 @@ from minillm.errors import UserError, require_file
 
 # Each special token is ONE id (a user-defined symbol, so text containing it encodes to that id).
 # The order fixes the ids: <unk> is 0, then these from 1. minillm/tokenizer.py looks them up by name.
+# the tool tags take the slots tokenizers made before tool use reserved (<|reserved_0..3|>): same ids
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-                  "<think>", "</think>", "<answer>", "</answer>"] + [f"<|reserved_{i}|>" for i in range(8)]
+                  "<think>", "</think>", "<answer>", "</answer>",
+                  "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"] + \
+                 [f"<|reserved_{i}|>" for i in range(4, 8)]
 # "\n" as its own piece: chat templates and think blocks are newline-delimited, and one id per
 # newline beats the three-byte fallback. Spaces/tabs round-trip through ▁ and byte fallback.
 EXTRA_SYMBOLS = ["\n"]

@@ -594,6 +594,6 @@ class HFTokenizer(Tokenizer):
                             f"...<|im_end|>), so chat stages and chat generation are refused; pretraining on raw "
                             f"text works")
 
-    def render_chat(self, messages, add_generation_prompt=False):
+    def render_chat(self, messages, add_generation_prompt=False, **options):
         self.check_chat()
-        return super().render_chat(messages, add_generation_prompt)
+        return super().render_chat(messages, add_generation_prompt, **options)

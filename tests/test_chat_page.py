@@ -210,7 +210,7 @@ def test_chat_page_streams_keeps_history_and_shows_errors(browser, server, tmp_p
                                   {"role": "assistant", "content": reply1},
                                   {"role": "user", "content": "And what can you do?"}]
     usage2 = drv.execute_script("return window.minillmChat.state.lastUsage;")
-    assert usage2["prompt_tokens"] == len(tok.render_prompt(second["messages"])), (usage1, usage2)
+    assert usage2["prompt_tokens"] == len(tok.render_prompt(second["messages"], open_thinking=True)), (usage1, usage2)
     assert usage2["prompt_tokens"] > usage1["prompt_tokens"]   # the server got the first turn too
     assert len(drv.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2
     assert len(drv.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2

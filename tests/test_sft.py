@@ -133,7 +133,7 @@ def test_train_full_sft_runs_and_saves(tmp_path, capsys):
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight)
     # the stage's own flags are recorded beside the common ones, so the run can be reproduced
     saved = yaml.safe_load((tmp_path / "out" / "full_sft" / "config.yaml").read_text())
-    assert saved["stage"] == {"system_prompt_prob": 0.5} and saved["train"]["batch_size"] == 4
+    assert saved["stage"] == {"system_prompt_prob": 0.5, "empty_think_ratio": 0.0} and saved["train"]["batch_size"] == 4
 
 
 def test_length_grouping_keeps_padding_low():
