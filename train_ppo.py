@@ -73,6 +73,9 @@ def add_ppo_args(parser):
     group.add_argument("--clip_epsilon", type=float, default=0.2, help="policy ratio clip range (1 ± eps)")
     group.add_argument("--cliprange_value", type=float, default=0.2, help="value clip range around the old values")
     group.add_argument("--vf_coef", type=float, default=0.5, help="weight of the value loss")
+    group.add_argument("--critic_learning_rate", type=float, default=-1.0,
+                       help="MiniMind's critic learning rate; the critic trains in the policy's optimizer at "
+                            "--learning_rate (as TRL), so only -1 or that same value is accepted")
     group.add_argument("--kl_coef", type=float, default=0.02,
                        help="per-token KL penalty coefficient in the reward (the start value with --kl_target)")
     group.add_argument("--kl_target", type=float, default=0.0,
@@ -311,6 +314,10 @@ def main(argv=None, reward_fn=None):
     if cfg.eval_data_path or cfg.eval_split:
         raise UserError("PPO has no held-out loss: drop --eval_data_path / --eval_split (the held-out report is "
                         "--report_path)")
+    if args.critic_learning_rate >= 0 and args.critic_learning_rate != cfg.learning_rate:
+        raise UserError(f"--critic_learning_rate {args.critic_learning_rate}: the critic trains with the policy in "
+                        f"one optimizer at --learning_rate {cfg.learning_rate} (as TRL); a separate critic rate is "
+                        f"not supported: drop the flag or give the same value")
     if args.temperature <= 0:
         raise UserError(f"--temperature {args.temperature}: rollouts must sample, use a value > 0")
     if args.max_gen_len < 1 or args.ppo_update_iters < 1 or args.mini_batch_size < 0:

@@ -339,6 +339,8 @@ def test_bad_flags_are_clear_errors(sft_checkpoint):
         train_ppo.main(_argv(sft_checkpoint, "--eval_split", "0.1"), reward_fn=low_ids)
     with pytest.raises(UserError, match="--temperature"):
         train_ppo.main(_argv(sft_checkpoint, "--temperature", "0"), reward_fn=low_ids)
+    with pytest.raises(UserError, match="--critic_learning_rate 5e-07"):
+        train_ppo.main(_argv(sft_checkpoint, "--critic_learning_rate", "5e-7"), reward_fn=low_ids)
     with pytest.raises(UserError, match="unknown reward"):
         train_ppo.main(_argv(sft_checkpoint, "--rewards", "answr"))
 
