@@ -1,11 +1,11 @@
 """Logit distillation (MiniMind's train_distillation.py): a student learns the data's assistant tokens
 and, at every one of them, the teacher's whole next-token distribution.
 
-    python train_distillation.py --init_from out/pretrain_small     # demo: teacher out/full_sft
-    python train_distillation.py --student_hidden_size 128 --student_num_layers 4   # a fresh, smaller student
-    python train_distillation.py --init_from out/pretrain_small --alpha 1           # plain SFT, for comparison
+    python train_distillation.py --init_layers 0,2     # demo: 2-layer student from out/pretrain, teacher out/full_sft
+    python train_distillation.py --init_layers 0,2 --alpha 1 --save_weight full_dist_ce   # the same student, SFT only
+    python train_distillation.py --init_from '' --student_hidden_size 128 --student_num_layers 2   # a new small student
     python train_distillation.py --from_student_weight full_sft --student_hidden_size 512 \\
-        --from_teacher_weight full_sft --teacher_hidden_size 768 --teacher_use_moe 1  # MiniMind's flags
+        --from_teacher_weight full_sft --teacher_hidden_size 768 --teacher_use_moe 1  # MiniMind's flags and files
     torchrun --nproc_per_node 8 train_distillation.py --data_path sft_mini_512.jsonl --teacher_init_from ...
 
 Per assistant target token t (the tokens train_full_sft.py trains on):
@@ -15,10 +15,11 @@ Per assistant target token t (the tokens train_full_sft.py trains on):
 averaged over the optimizer step's targets (--alpha, --temperature; MiniMind's defaults 0.5 and 1.5).
 The T² keeps the soft term's gradients the same size as T changes (Hinton et al.). The teacher is any
 checkpoint with the same tokenizer (--teacher_init_from, default <save_dir>/full_sft, the demo SFT
-model); it stays in eval mode without gradients and is never saved. The student is a checkpoint
-(--init_from / --from_student_weight), or a new model of the shape the model flags give
-(--student_hidden_size, --student_num_layers, --student_use_moe are MiniMind's names for --hidden_size,
---num_hidden_layers, --use_moe).
+model); it stays in eval mode without gradients and is never saved. The student starts from a
+checkpoint (--init_from, default <save_dir>/pretrain; MiniMind's --from_student_weight NAME), optionally
+cut to some of its layers (--init_layers), or is a new model of the shape the model flags give with
+--init_from '' (--student_hidden_size, --student_num_layers, --student_use_moe are MiniMind's names for
+--hidden_size, --num_hidden_layers, --use_moe).
 """
 import argparse
 from pathlib import Path
@@ -254,7 +255,8 @@ def main(argv=None):
                                         cfg.accumulation_steps, seed=cfg.seed)
     collate = pad_collate(tok.pad_id)
     if stage.dist.is_main:
-        shape = lambda c: f"hidden {c.hidden_size} x {c.num_hidden_layers} layers{' MoE' if c.use_moe else ''}"
+        def shape(c):
+            return f"hidden {c.hidden_size} x {c.num_hidden_layers} layers{' MoE' if c.use_moe else ''}"
         print(f"student: {stage.model.num_params() / 1e6:.2f}M parameters ({shape(stage.model.config)}) from "
               f"{cfg.init_from or 'scratch'}; teacher: {teacher.num_params() / 1e6:.2f}M ({shape(teacher.config)}) "
               f"from {path}; alpha {args.alpha}, temperature {args.temperature}; data: {dataset.report()}"

@@ -268,9 +268,12 @@ def test_minimind_flags_pick_student_and_teacher(tok, tmp_path, sft_rows, teache
     with pytest.raises(UserError, match="--teacher_hidden_size 768, but the teacher"):
         run(tmp_path, sft_rows, "--from_student_weight", "small", "--teacher_hidden_size", "768")
     with pytest.raises(UserError, match="both say where the teacher is"):
-        run(tmp_path, sft_rows, "--teacher_init_from", str(teacher_dir), "--from_teacher_weight", "full_sft")
+        run(tmp_path, sft_rows, "--from_student_weight", "small", "--teacher_init_from", str(teacher_dir),
+            "--from_teacher_weight", "full_sft")
     with pytest.raises(UserError, match="--alpha 1.5"):
-        run(tmp_path, sft_rows, "--alpha", "1.5")
+        run(tmp_path, sft_rows, "--from_student_weight", "small", "--alpha", "1.5")
+    with pytest.raises(UserError, match="no checkpoint folder .*nothing"):  # MiniMind's name for a missing student
+        run(tmp_path, sft_rows, "--from_student_weight", "nothing")
 
 
 def test_vocabulary_mismatch_is_a_clear_error(tok, tmp_path, sft_rows, teacher_dir):
