@@ -22,6 +22,8 @@ The weight is frozen: NF4Linear has no trainable weight, only its (full-precisio
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -86,13 +88,13 @@ def dequantize_absmax(state: dict) -> torch.Tensor:
 
 def dequantize_nf4(state: dict, shape, dtype=torch.float32, block_size: int = BLOCK_SIZE) -> torch.Tensor:
     """quantize_nf4's output -> the tensor of `shape` in `dtype` (level * absmax computed in fp32)."""
-    codes = state["codes"]
+    return _dequantize(state["codes"], dequantize_absmax(state), shape, dtype, block_size)
+
+
+def _dequantize(codes, absmax, shape, dtype, block_size: int) -> torch.Tensor:
     idx = torch.stack([codes >> 4, codes & 15], dim=-1).view(-1)
-    values = nf4_levels(codes.device)[idx.long()].view(-1, block_size)
-    values = values * dequantize_absmax(state).float().unsqueeze(1)
-    n = 1
-    for d in shape:
-        n *= d
+    values = nf4_levels(codes.device)[idx.long()].view(-1, block_size) * absmax.float().unsqueeze(1)
+    n = math.prod(shape)
     return values.view(-1)[:n].view(shape).to(dtype)
 
 
@@ -102,17 +104,19 @@ def nf4_error_bound() -> float:
 
 
 class _NF4Matmul(torch.autograd.Function):
-    """x @ dequant(W).T without saving the dequantised W for backward: it is rebuilt there from the codes.
-    W is frozen, so only x gets a gradient."""
+    """x @ dequant(W).T without saving the dequantised W for backward: it is rebuilt there from the codes
+    (which stay resident anyway). W is frozen, so only x gets a gradient."""
 
     @staticmethod
-    def forward(ctx, x, module):
-        ctx.module = module
-        return F.linear(x, module.dequantize(x.dtype))
+    def forward(ctx, x, codes, absmax, out_features: int, block_size: int):
+        ctx.save_for_backward(codes, absmax)
+        ctx.shape, ctx.block_size = (out_features, x.shape[-1]), block_size
+        return F.linear(x, _dequantize(codes, absmax, ctx.shape, x.dtype, block_size))
 
     @staticmethod
     def backward(ctx, grad_out):
-        return grad_out @ ctx.module.dequantize(grad_out.dtype), None
+        codes, absmax = ctx.saved_tensors
+        return grad_out @ _dequantize(codes, absmax, ctx.shape, grad_out.dtype, ctx.block_size), None, None, None, None
 
 
 class NF4Linear(nn.Module):
@@ -152,7 +156,8 @@ class NF4Linear(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x = x.to(dtype)
         with torch.autocast(x.device.type, enabled=False):  # x and the weight are already in the compute dtype
-            out = _NF4Matmul.apply(x, self)
+            out = _NF4Matmul.apply(x, self.codes, dequantize_absmax(self.quant_state()), self.out_features,
+                                   self.block_size)
         if bias and self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out

@@ -13,7 +13,8 @@ import train_lora
 from minillm.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
 from minillm.config import ModelConfig
 from minillm.errors import UserError
-from minillm.lora import ADAPTER_WEIGHTS, LoRALinear, apply_lora, load_lora, merge_lora, read_lora_config, unmerge_lora
+from minillm.lora import (ADAPTER_WEIGHTS, LoRALinear, apply_lora, load_lora, lora_disabled, merge_lora, read_lora_config,
+                          unmerge_lora)
 from minillm.model import MiniLLM
 from minillm.quant import (NF4_LEVELS, NF4Linear, dequantize_absmax, dequantize_nf4, nf4_error_bound, quantize_model,
                            quantize_nf4)
@@ -123,6 +124,21 @@ def test_quantised_forward_is_close_and_backward_reaches_the_input():
     torch.testing.assert_close(x.grad, g @ w, rtol=1e-6, atol=1e-6)
 
 
+def test_compiles_without_graph_breaks():
+    """The trainer compiles on CUDA: the dequant-matmul (a custom autograd Function) must trace as one graph."""
+    torch.manual_seed(0)
+    q = NF4Linear(nn.Linear(128, 96), double_quant=True)
+    compiled = torch.compile(q, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 128, requires_grad=True)
+    compiled(x).square().sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    want = q(x)
+    want.square().sum().backward()
+    torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
+    torch.testing.assert_close(got, x.grad, rtol=0, atol=0)
+
+
 def test_autocast_computes_in_the_autocast_dtype():
     torch.manual_seed(0)
     linear = nn.Linear(64, 32)
@@ -155,6 +171,8 @@ def test_adapters_on_an_nf4_base_merge_in_full_precision_and_unmerge_to_the_same
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     want = model(ids)
+    with lora_disabled(model):  # the reference (DPO) is the NF4 base
+        assert torch.equal(model(ids), quantized_ref)
     codes = q.base.codes.clone()
     merge_lora(model)
     assert type(q.base) is nn.Linear and q.base.weight.dtype == torch.float32
