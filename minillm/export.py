@@ -233,8 +233,9 @@ def hf_fast_tokenizer(tokenizer):
                                 byte_fallback=True, dropout=None))
     fast.normalizer = normalizers.Replace(" ", "▁")
     fast.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    specials = set(SPECIAL_TOKENS.values())
-    added = [AddedToken(p.piece, special=p.type == 3 or p.piece in specials, normalized=False)
+    specials = set(SPECIAL_TOKENS.values()) - MARKUP_TAGS
+    added = [AddedToken(p.piece, special=(p.type == 3 or p.piece in specials) and p.piece not in MARKUP_TAGS,
+                        normalized=False)
              for p in proto.pieces if p.type in (3, 4)]
     fast.add_tokens(added)  # ids stay the model's: each piece is already in the vocabulary
     return fast
@@ -343,9 +344,10 @@ def export_tokenizer(tokenizer, folder, model_max_length: int | None = None) -> 
     tokenizer.save(folder)  # tokenizer.model, for SentencePiece users
     proto = _sp_proto(tokenizer)
     decoder = {str(i): {"content": p.piece, "lstrip": False, "rstrip": False, "normalized": False,
-                        "single_word": False, "special": p.piece != "\n"}
+                        "single_word": False, "special": p.piece != "\n" and p.piece not in MARKUP_TAGS}
                for i, p in enumerate(proto.pieces) if p.type in (3, 4)}
-    extra = [p for name, p in _special_pieces(tokenizer).items() if name not in ("pad", "im_end")]
+    extra = [p for name, p in _special_pieces(tokenizer).items()
+             if name not in ("pad", "im_end") and p not in MARKUP_TAGS]
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": decoder,
@@ -366,6 +368,12 @@ def export_tokenizer(tokenizer, folder, model_max_length: int | None = None) -> 
     special_map = {"eos_token": "<|im_end|>", "pad_token": "<|pad|>", "additional_special_tokens": extra}
     (folder / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
     return ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+# Tags that are part of a reply's text: single ids, but not "special" to transformers (as Qwen3 and
+# MiniMind-3 mark them), so decode(..., skip_special_tokens=True) keeps the reasoning and the tool calls
+MARKUP_TAGS = {"<think>", "</think>", "<answer>", "</answer>",
+               "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"}
 
 
 def _special_pieces(tokenizer) -> dict:

@@ -180,6 +180,16 @@ def test_fast_tokenizer_ids_equal_sentencepiece(hf_tokenizer):
     assert hf_tokenizer.bos_token_id is None
 
 
+def test_skipping_special_tokens_keeps_the_reasoning_and_the_tool_calls(hf_tokenizer):
+    """<think> and <tool_call> are part of a reply (not special to transformers, as Qwen3 marks them):
+    decode(skip_special_tokens=True) must keep them and drop only control tokens like <|im_end|>."""
+    reply = '<think>\nadd them\n</think>\n\n<tool_call>\n{"name": "calc", "arguments": {"x": 1}}\n</tool_call>'
+    ids = TOK.encode(reply) + [TOK.im_end_id]
+    assert TOK.think_tag_ids[0] in ids and TOK.special_ids["tool_call_start"] in ids  # single ids
+    assert hf_tokenizer.decode(ids, skip_special_tokens=True) == reply
+    assert hf_tokenizer.decode(ids, skip_special_tokens=False) == reply + "<|im_end|>"
+
+
 def _template_ids(hf_tokenizer, messages, add_generation_prompt):
     out = hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
