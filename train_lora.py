@@ -82,7 +82,8 @@ def main(argv=None):
     if args.double_quant and args.quantize == "none":
         raise UserError("--double_quant 1 quantises the NF4 scales of a quantised base: add --quantize nf4")
     # QLoRA: the frozen base to 4-bit first, so the adapters wrap the NF4 layers
-    quant_report = quantize_model(stage.model, args.quantize, args.quant_block_size, bool(args.double_quant))
+    quant_report = quantize_model(stage.model, args.quantize, args.quant_block_size, bool(args.double_quant),
+                                  device=stage.dist.device)
     lora_params = inject_lora(stage.model, args)
 
     dataset, eval_set = load_datasets(stage, lambda path: SFTDataset(
