@@ -163,6 +163,18 @@ class NF4Linear(nn.Module):
             out = out + self.bias.to(out.dtype)
         return out
 
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) / .half() keep the scales in fp32 (a bf16 absmax would move every value by up to
+        0.4%) and only change the dtype the weight is dequantised to; device moves apply to everything."""
+        scales = {name: t for name, t in self._buffers.items() if t is not None and t.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, before in scales.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self.dtype = after.dtype
+                self._buffers[name] = before.to(after.device)
+        return self
+
     def nbytes(self) -> int:
         """Bytes the quantised weight takes (codes and scales; the bias is not counted)."""
         return sum(t.numel() * t.element_size() for t in self.quant_state().values())

@@ -139,6 +139,17 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(got, x.grad, rtol=0, atol=0)
 
 
+def test_a_dtype_cast_keeps_the_scales_and_changes_the_compute_dtype():
+    torch.manual_seed(0)
+    q = NF4Linear(nn.Linear(64, 32), double_quant=True)
+    want = q.dequantize(torch.float32)
+    q.to(torch.bfloat16)
+    assert q.absmax_scale.dtype == torch.float32 and q.absmax_offset.dtype == torch.float32
+    assert q.codes.dtype == torch.uint8 and q.dequantize().dtype == torch.bfloat16 and q.bias.dtype == torch.bfloat16
+    assert torch.equal(q.dequantize(torch.float32), want)
+    assert q(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_autocast_computes_in_the_autocast_dtype():
     torch.manual_seed(0)
     linear = nn.Linear(64, 32)
