@@ -43,7 +43,7 @@ STAGE_DEFAULTS = dict(
     init_from="out/full_sft", data_path="dataset/demo/rlaif.jsonl", save_weight="grpo", epochs=1,
     # MiniMind: batch 2, lr 3e-7 for a 64M model over 1024-token replies; the demo model needs more to
     # move in a few minutes on a CPU. max_seq_len is the longest prompt (MiniMind's meaning here).
-    batch_size=8, max_seq_len=128, learning_rate=1e-5, weight_decay=0.0, accumulation_steps=1,
+    batch_size=4, max_seq_len=128, learning_rate=1e-4, weight_decay=0.0, accumulation_steps=1,
     log_interval=5, save_interval=50, num_workers=0,
 )
 LOSS_TYPES = ("grpo", "cispo")
@@ -54,9 +54,11 @@ RULE_DEFAULT, MODEL_DEFAULT = "answer,format:0.5,length:0.5", "model,format:0.5,
 
 def add_grpo_args(parser):
     group = stage_group(parser, "GRPO")
-    group.add_argument("--num_generations", type=int, default=4, help="completions sampled per prompt (a group)")
+    # demo-tuned (MiniMind: 6 generations at temperature 0.8): only a group with both right and wrong completions
+    # teaches anything, and the demo model answers most prompts always or never right; 8 samples at 1.0 find more
+    group.add_argument("--num_generations", type=int, default=8, help="completions sampled per prompt (a group)")
     group.add_argument("--max_gen_len", type=int, default=48, help="longest completion in tokens")
-    group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the rollouts")
+    group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     group.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling of the rollouts (1 = off)")
     group.add_argument("--beta", type=float, default=0.1, help="weight of the per-token KL to the reference (0 = none)")
     group.add_argument("--loss_type", choices=LOSS_TYPES, default="cispo",
@@ -83,6 +85,11 @@ def add_grpo_args(parser):
     group.add_argument("--use_lora", type=int, default=0,
                        help="1 = train a LoRA adapter only; the reference is the model with the adapter off")
     add_lora_flags(group)
+    group.add_argument("--rollout_engine", choices=("torch", "sglang"), default="torch",
+                       help="MiniMind's flag: torch = minillm's own batched KV-cache sampler (sglang is not supported)")
+    group.add_argument("--debug_mode", action="store_true",
+                       help="print the first prompt of a step, its completions and their rewards (MiniMind's flag)")
+    group.add_argument("--debug_interval", type=int, default=20, help="with --debug_mode: every this many steps")
     group.add_argument("--report_path", default="auto",
                        help="held-out {question, answer} rows answered greedily before and after training; "
                             "auto = the demo's facts when training on the demo prompts, '' = none")
@@ -204,11 +211,12 @@ def rollout_seed(seed: int, step: int, rank: int) -> int:
 
 
 def make_rollout(dataset, tokenizer, reward_fn, params: SamplingParams, num_generations: int, rows_per_batch: int,
-                 num_iterations: int, scale_rewards: str, reference, autocast, seed_fn):
+                 num_iterations: int, scale_rewards: str, reference, autocast, seed_fn, show=None):
     """-> rollout(model, micro_batches): the trainer's hook. Samples the step's completions, scores them,
     computes advantages and the reference's (and, for several updates, the sampling policy's) log-probs,
     and yields the same micro-batches of experience `num_iterations` times, one list per update.
-    `reference(ids, loss_mask)` -> reference log-probs, or None (beta 0); `seed_fn()` -> this step's seed."""
+    `reference(ids, loss_mask)` -> reference log-probs, or None (beta 0); `seed_fn()` -> this step's seed;
+    `show(rollouts, rewards)`, if given, sees every step's rollouts (--debug_mode)."""
 
     def rollout(model, micro_batches):
         prompts = [p for batch in micro_batches for p in batch["prompts"]]
@@ -219,6 +227,8 @@ def make_rollout(dataset, tokenizer, reward_fn, params: SamplingParams, num_gene
         rows = [dataset.rows[i] for i in index for _ in range(num_generations)]
         rewards, parts = reward_fn(rows, rollouts)
         advantages, group_std = group_advantages(rewards, num_generations, scale_rewards)
+        if show is not None:
+            show(rollouts, rewards)
 
         experience = {"ids": rollouts.ids, "loss_mask": rollouts.loss_mask, "advantages": advantages,
                       "reward": rewards, "reward_std": group_std, "finished": rollouts.finished,
@@ -239,24 +249,30 @@ def make_rollout(dataset, tokenizer, reward_fn, params: SamplingParams, num_gene
 
 
 @torch.no_grad()
-def greedy_prompt_reward(model, dataset, tokenizer, reward_fn, n: int, max_gen_len: int) -> tuple[float, dict]:
-    """Mean reward (and per-rule means) of greedy completions to the first `n` training prompts."""
+def prompt_reward(model, dataset, tokenizer, reward_fn, n: int, params: SamplingParams, samples: int,
+                  seed: int = 0) -> tuple[float, dict]:
+    """Mean reward (and per-rule means) of `samples` completions to each of the first `n` training prompts,
+    sampled with `params` from a fixed seed (temperature 0: greedy, one sample is enough)."""
     n = min(n, len(dataset))
-    params = SamplingParams(max_new_tokens=max_gen_len, temperature=0.0, top_p=1.0, stop_ids=tokenizer.stop_ids)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     total, parts_sum = 0.0, {}
     for start in range(0, n, 32):
         rows = list(range(start, min(n, start + 32)))
-        rollouts = sample_rollouts(model, [dataset.prompts[i] for i in rows], 1, params, tokenizer.pad_id)
-        rewards, parts = reward_fn([dataset.rows[i] for i in rows], rollouts)
+        rollouts = sample_rollouts(model, [dataset.prompts[i] for i in rows], samples, params, tokenizer.pad_id,
+                                   generator)
+        rewards, parts = reward_fn([dataset.rows[i] for i in rows for _ in range(samples)], rollouts)
         total += rewards.sum().item()
         for name, value in parts.items():
             parts_sum[name] = parts_sum.get(name, 0.0) + value.sum().item()
-    return total / n, {name: v / n for name, v in parts_sum.items()}
+    return total / (n * samples), {name: v / (n * samples) for name, v in parts_sum.items()}
 
 
 def main(argv=None):
     stage, args = prepare_stage(__doc__, STAGE_DEFAULTS, argv, extra_args=add_grpo_args)
     cfg, device = stage.cfg, stage.dist.device
+    if args.rollout_engine != "torch":
+        raise UserError("--rollout_engine sglang is MiniMind's external server; minillm samples rollouts with its own "
+                        "batched KV-cache engine: drop the flag or pass --rollout_engine torch")
     epsilon_high = args.epsilon_high if args.epsilon_high >= 0 else (5.0 if args.loss_type == "cispo" else args.epsilon)
     if args.num_generations < 2:
         raise UserError(f"--num_generations {args.num_generations}: GRPO compares completions of one prompt, "
@@ -296,14 +312,20 @@ def main(argv=None):
               f"rewards: {spec}; {args.loss_type} loss, {args.loss_agg} aggregation, epsilon {args.epsilon}/"
               f"{epsilon_high}, beta {args.beta}, {args.num_generations} generations per prompt")
 
-    # before training: held-out facts and greedy reward on the training prompts
+    # before training: held-out facts, and the reward on the first training prompts
     report_path = DEMO_REPORT if args.report_path == "auto" and stage.on_demo_data else \
         ("" if args.report_path == "auto" else args.report_path)
     report_rows = read_heldout(report_path) if report_path and stage.dist.is_main else []
     before = heldout_accuracy(model, stage.tokenizer, report_rows) if report_rows else None
+    params = SamplingParams(max_new_tokens=args.max_gen_len, temperature=args.temperature, top_p=args.top_p,
+                            stop_ids=stage.tokenizer.stop_ids)
+    greedy = SamplingParams(max_new_tokens=args.max_gen_len, temperature=0.0, stop_ids=stage.tokenizer.stop_ids)
     n_report = args.report_prompts if stage.dist.is_main else 0
-    reward_before = greedy_prompt_reward(model, dataset, stage.tokenizer, reward_fn, n_report,
-                                         args.max_gen_len) if n_report else None
+
+    def report_rewards():  # what RL optimises (sampled, as the rollouts) and what a user sees (greedy)
+        return (prompt_reward(model, dataset, stage.tokenizer, reward_fn, n_report, params, args.num_generations),
+                prompt_reward(model, dataset, stage.tokenizer, reward_fn, n_report, greedy, 1))
+    rewards_before = report_rewards() if n_report else None
 
     # the reference: a frozen copy, or the policy with its adapters off; none without a KL term
     lora_params, ref_model = None, None
@@ -320,23 +342,34 @@ def main(argv=None):
         with lora_disabled(model), eval_mode(model):
             return completion_logprobs(model, ids, loss_mask, args.temperature, rows_per_batch, autocast)
 
-    params = SamplingParams(max_new_tokens=args.max_gen_len, temperature=args.temperature, top_p=args.top_p,
-                            stop_ids=stage.tokenizer.stop_ids)
     trainer = Trainer(stage, dataset, sampler, prompt_collate, params=lora_params, save_adapter=bool(args.use_lora))
+
+    def show(rollouts, rewards):  # --debug_mode: the step's first prompt, its completions and rewards
+        if not (args.debug_mode and stage.dist.is_main and (trainer.step + 1) % max(1, args.debug_interval) == 0):
+            return
+        tok, cut = stage.tokenizer, rollouts.lengths[0] - len(rollouts.completions[0])
+        print(f"[debug] step {trainer.step + 1} prompt: {tok.decode(rollouts.ids[0, :cut].tolist())!r}")
+        for g in range(args.num_generations):
+            print(f"[debug]   reward {rewards[g].item():+.3f}: {tok.decode(rollouts.completions[g])!r}")
+
     rollout = make_rollout(dataset, stage.tokenizer, reward_fn, params, args.num_generations, rows_per_batch,
                            args.num_iterations, args.scale_rewards, reference if args.beta > 0 else None, autocast,
-                           seed_fn=lambda: rollout_seed(cfg.seed, trainer.step, stage.dist.rank))
+                           seed_fn=lambda: rollout_seed(cfg.seed, trainer.step, stage.dist.rank), show=show)
     loss_fn = make_grpo_loss(args.loss_type, args.epsilon, epsilon_high, args.beta, args.loss_agg, args.temperature,
                              args.max_gen_len, stage.model_cfg.aux_loss_coef if stage.model_cfg.use_moe else 0.0)
     trainer.fit(loss_fn, rollout=rollout)
 
-    if reward_before is not None:
-        reward_after = greedy_prompt_reward(model, dataset, stage.tokenizer, reward_fn, n_report, args.max_gen_len)
-        trainer.reward_report = (reward_before, reward_after)
-        trainer.log(f"greedy reward on the first {min(n_report, len(dataset))} training prompts: "
-                    f"{reward_before[0]:.3f} -> {reward_after[0]:.3f} ("
-                    + ", ".join(f"{k} {reward_before[1][k]:.3f} -> {reward_after[1][k]:.3f}" for k in reward_after[1])
-                    + ")")
+    if getattr(reward_fn, "missing_answers", 0):
+        trainer.log(f"note: {reward_fn.missing_answers} rollouts came from rows without an \"answer\" field; the answer "
+                    f"reward gave them 0")
+    if rewards_before is not None:
+        rewards_after = report_rewards()
+        trainer.reward_report = (rewards_before, rewards_after)
+        for name, before_, after_ in zip((f"sampled ({args.num_generations} per prompt)", "greedy"), rewards_before,
+                                         rewards_after):
+            trainer.log(f"reward on the first {min(n_report, len(dataset))} training prompts, {name}: {before_[0]:.3f} -> "
+                        f"{after_[0]:.3f} (" + ", ".join(f"{k} {before_[1][k]:.3f} -> {after_[1][k]:.3f}" for k in after_[1])
+                        + ")")
     if before is not None:
         after = heldout_accuracy(model, stage.tokenizer, report_rows)
         trainer.heldout_report = (before, after)

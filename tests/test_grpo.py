@@ -262,8 +262,10 @@ class ToyReward:
 
 def test_two_updates_per_rollout_take_two_optimizer_steps(setup):
     trainer = train_grpo.main(_argv(setup, "--save_weight", "iters", "--max_steps", "2", "--num_iterations", "2",
-                                    "--loss_type", "grpo", "--rewards", "length,format"))
+                                    "--loss_type", "grpo", "--rewards", "length,format", "--report_prompts", "3"))
     assert trainer.step == 2
+    (sampled, _), (greedy, parts) = trainer.reward_report[0]  # before training: sampled and greedy
+    assert set(parts) == {"length", "format"} and -1.0 <= greedy <= 1.0 and -1.0 <= sampled <= 1.0
     steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
     assert steps == {4}
 
