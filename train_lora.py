@@ -18,7 +18,7 @@ loading it quantises the base the same way).
 """
 from minillm.data import IGNORE_INDEX, LengthGroupedBatchSampler, SFTDataset, pad_collate
 from minillm.lora import LoRALinear, add_lora_flags, lora_targets
-from minillm.quant import QUANT_TYPES, describe, quantize_model
+from minillm.quant import QUANT_TYPES, describe, quantize_model, set_kernel
 from minillm.config import stage_group
 from minillm.errors import UserError
 from minillm.trainer import Trainer, load_datasets, main_guard, prepare_stage
@@ -43,6 +43,9 @@ def add_lora_args(parser):
     group.add_argument("--quant_block_size", type=int, default=64, help="values per NF4 block (one absmax each)")
     group.add_argument("--double_quant", type=int, default=0,
                        help="1 = quantise the NF4 blocks' absmax scales too (int8 per 256): ~4.13 bits a weight")
+    group.add_argument("--quant_kernel", default="torch", choices=("torch", "triton"),
+                       help="NF4 matmul: torch = dequantise then matmul (any device); triton = the fused "
+                            "dequant-matmul kernel on CUDA (opt-in: checked only in Triton's interpreter so far)")
 
 
 def inject_lora(model, args):
@@ -64,7 +67,7 @@ def inject_lora(model, args):
 
 def lora_loss(model, batch, totals):
     """The SFT loss (train_full_sft.py's: assistant targets only, exact over the step), through
-    the adapters: the gradient reaches only lora_A and lora_B."""
+    the adapters: the gradient reaches only lora_A and lora_B (and DoRA's magnitude)."""
     ids, loss_mask = batch["ids"], batch["loss_mask"]
     labels = ids[:, 1:].masked_fill(~loss_mask[:, 1:], IGNORE_INDEX)  # predict t+1 where it is the assistant's
     out = model(ids[:, :-1], labels=labels, reduction="sum")
@@ -79,11 +82,13 @@ def main(argv=None):
         stage.on_demo_data = True
     cfg.save_weight = cfg.save_weight or args.lora_name
 
-    if args.double_quant and args.quantize == "none":
-        raise UserError("--double_quant 1 quantises the NF4 scales of a quantised base: add --quantize nf4")
+    if args.quantize == "none" and (args.double_quant or args.quant_kernel != "torch"):
+        flag = "--double_quant 1" if args.double_quant else f"--quant_kernel {args.quant_kernel}"
+        raise UserError(f"{flag} is for a quantised base: add --quantize nf4")
     # QLoRA: the frozen base to 4-bit first, so the adapters wrap the NF4 layers
     quant_report = quantize_model(stage.model, args.quantize, args.quant_block_size, bool(args.double_quant),
                                   device=stage.dist.device)
+    set_kernel(stage.model, args.quant_kernel)
     lora_params = inject_lora(stage.model, args)
 
     dataset, eval_set = load_datasets(stage, lambda path: SFTDataset(

@@ -23,6 +23,7 @@ The weight is frozen: NF4Linear has no trainable weight, only its (full-precisio
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -119,6 +120,82 @@ class _NF4Matmul(torch.autograd.Function):
         return grad_out @ _dequantize(codes, absmax, ctx.shape, grad_out.dtype, ctx.block_size), None, None, None, None
 
 
+# ---- the Triton dequant-matmul (opt-in: NF4Linear.kernel = "triton", train_lora.py --quant_kernel triton) ----
+_TRITON_KERNEL = None
+
+
+def _triton_kernel():
+    """Built on first use, so importing this module never imports Triton (and TRITON_INTERPRET=1, set
+    before the first call, gives the interpreted kernel the CPU tests run)."""
+    global _TRITON_KERNEL
+    if _TRITON_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def nf4_matmul(a_ptr, codes_ptr, absmax_ptr, levels_ptr, c_ptr, M, N, K,
+                       stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                       QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PRECISION: tl.constexpr):
+            # C = A @ B with B[k, n] the NF4 weight's value at flat index k * stride_bk + n * stride_bn:
+            # the forward passes B = W^T (stride_bk 1, stride_bn in), the backward B = W (in, 1).
+            # Each [BLOCK_K, BLOCK_N] tile of B is dequantised in registers and never written out.
+            rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+            rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
+                            mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+                idx = rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
+                inside = (rk[:, None] < K) & (rn[None, :] < N)
+                byte = tl.load(codes_ptr + idx // 2, mask=inside, other=0).to(tl.int32)
+                level = tl.load(levels_ptr + tl.where(idx % 2 == 0, byte >> 4, byte & 15))
+                scale = tl.load(absmax_ptr + idx // QBLOCK, mask=inside, other=0.0)
+                b = (level * scale).to(a_ptr.dtype.element_ty)  # as the torch path: the fp32 product, then cast
+                acc += tl.dot(a, b, input_precision=PRECISION)
+            tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+                     mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+        _TRITON_KERNEL = nf4_matmul
+    return _TRITON_KERNEL
+
+
+def triton_nf4_matmul(a: torch.Tensor, codes, absmax, in_features: int, out_features: int, block_size: int,
+                      transpose: bool) -> torch.Tensor:
+    """a [M, in] @ W.T (transpose, the forward) or a [M, out] @ W (the backward's input gradient)."""
+    kernel = _triton_kernel()
+    a = a.contiguous()
+    M, K = a.shape
+    N = out_features if transpose else in_features
+    strides = (1, in_features) if transpose else (in_features, 1)
+    c = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
+    grid = ((M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N)
+    kernel[grid](a, codes, absmax.float().contiguous(), nf4_levels(a.device), c, M, N, K,
+                 a.stride(0), a.stride(1), *strides, c.stride(0), c.stride(1), QBLOCK=block_size,
+                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                 PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
+    return c
+
+
+class _NF4TritonMatmul(torch.autograd.Function):
+    """_NF4Matmul with both products in the Triton kernel (x is [M, in], 2-D and contiguous)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, absmax, out_features: int, block_size: int):
+        ctx.save_for_backward(codes, absmax)
+        ctx.in_features, ctx.out_features, ctx.block_size = x.shape[-1], out_features, block_size
+        return triton_nf4_matmul(x, codes, absmax, x.shape[-1], out_features, block_size, transpose=True)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        codes, absmax = ctx.saved_tensors
+        grad_x = triton_nf4_matmul(grad_out, codes, absmax, ctx.in_features, ctx.out_features, ctx.block_size,
+                                   transpose=False)
+        return grad_x, None, None, None, None
+
+
 class NF4Linear(nn.Module):
     """A frozen nn.Linear whose weight is stored as NF4 blocks (buffers `codes`, `absmax` or the double-
     quantised `absmax_codes` / `absmax_scale` / `absmax_offset`); the bias, if any, stays as it was."""
@@ -129,6 +206,7 @@ class NF4Linear(nn.Module):
         w = linear.weight if device is None else linear.weight.to(device)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.block_size, self.double_quant = block_size, double_quant
+        self.kernel = "torch"  # or "triton": the fused dequant-matmul on CUDA (see triton_nf4_matmul)
         self.dtype = w.dtype  # what dequantize() returns by default: the weight's original dtype
         for name, tensor in quantize_nf4(w, block_size, double_quant).items():
             self.register_buffer(name, tensor)
@@ -156,9 +234,14 @@ class NF4Linear(nn.Module):
     def forward(self, x, bias: bool = True):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x = x.to(dtype)
+        absmax = dequantize_absmax(self.quant_state())
         with torch.autocast(x.device.type, enabled=False):  # x and the weight are already in the compute dtype
-            out = _NF4Matmul.apply(x, self.codes, dequantize_absmax(self.quant_state()), self.out_features,
-                                   self.block_size)
+            if self.kernel == "triton" and (x.is_cuda or _interpreting()):
+                flat = x.reshape(-1, self.in_features).contiguous()
+                out = _NF4TritonMatmul.apply(flat, self.codes, absmax, self.out_features, self.block_size)
+                out = out.view(*x.shape[:-1], self.out_features)
+            else:
+                out = _NF4Matmul.apply(x, self.codes, absmax, self.out_features, self.block_size)
         if bias and self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out
@@ -182,6 +265,20 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 block={self.block_size}, "
                 f"double_quant={self.double_quant}, dtype={self.dtype}")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def set_kernel(model: nn.Module, kernel: str) -> None:
+    """"torch" (dequantise, then one matmul: every device) or "triton" (the fused kernel, CUDA tensors;
+    elsewhere the torch path runs) for every NF4Linear in `model`."""
+    if kernel not in ("torch", "triton"):
+        raise UserError(f"unknown NF4 kernel {kernel!r}; choose torch or triton")
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            m.kernel = kernel
 
 
 def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
