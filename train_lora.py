@@ -6,10 +6,10 @@
     python train_lora.py --use_dora 1                          # DoRA: + a learnt magnitude per output row
     python train_lora.py --quantize nf4                        # QLoRA: the frozen base in 4-bit NF4
 
-The base model is frozen; only the adapters (lora_A, lora_B in every targeted nn.Linear) reach
-the optimizer, and only they are saved, to <save_dir>/<lora_name>/ (adapter.safetensors +
-adapter_config.yaml, + trainer_state.pt for --from_resume). `eval_model.py --lora_name NAME`
-loads them onto the base.
+The base model is frozen; only the adapters (lora_A, lora_B in every targeted nn.Linear, and DoRA's
+lora_magnitude_vector) reach the optimizer, and only they are saved, to <save_dir>/<lora_name>/
+(adapter.safetensors + adapter_config.yaml, + trainer_state.pt for --from_resume).
+`eval_model.py --lora_name NAME` loads them onto the base.
 
 With --quantize nf4 the decoder blocks' linear weights are stored as 4-bit NF4 blocks (minillm.quant,
 ~4.5 bits a weight, ~4.13 with --double_quant 1) before the adapters go in; the adapters stay in full

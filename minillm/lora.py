@@ -330,8 +330,15 @@ def load_lora(model: nn.Module, folder, quantize: bool = True) -> nn.Module:
     settings = read_lora_config(folder)["lora"]
     state = read_safetensors(folder / ADAPTER_WEIGHTS)
     inner = _unwrap(model)
-    if not lora_modules(inner):
-        recorded = settings.get("quantize")
+    recorded = settings.get("quantize")
+    if lora_modules(inner):  # adapters already in (a resumed run): they must be of the same kind, on the same base
+        have = lora_settings(inner)
+        if have["use_dora"] != settings.get("use_dora", False) or (quantize and have["quantize"] != recorded):
+            raise UserError(f"{folder} holds an adapter with use_dora={settings.get('use_dora', False)} on a base "
+                            f"quantised as {recorded}, but this model's adapters have use_dora={have['use_dora']} "
+                            f"on a base quantised as {have['quantize']}; use the same --use_dora / --quantize / "
+                            f"--double_quant as the run that wrote it")
+    else:
         if quantize and recorded and quant_settings(inner) is None:
             quantize_model(inner, recorded["type"], recorded["block_size"], recorded["double_quant"])
         apply_lora(inner, settings["rank"], settings["alpha"], settings.get("dropout", 0.0),

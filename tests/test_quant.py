@@ -233,6 +233,14 @@ def test_train_lora_nf4_loss_falls_and_saves_only_the_adapter(tmp_path):
     assert isinstance(fresh.model.layers[0].self_attn.q_proj.base, NF4Linear)
     torch.testing.assert_close(fresh.eval()(ids), want, rtol=1e-5, atol=1e-5)
 
+    # resuming needs the same base: on NF4 it continues, on a full-precision base it is refused by name
+    resumed = train_lora.main(common + ["--lora_name", "qlora", "--max_steps", "9", "--epochs", "20",
+                                        "--from_resume", "1"])
+    assert resumed.step == 9 and len(resumed.history) == 1
+    with pytest.raises(UserError, match="same --use_dora / --quantize"):
+        train_lora.main([a for a in common if a not in ("--quantize", "nf4")]
+                        + ["--lora_name", "qlora", "--max_steps", "10", "--epochs", "20", "--from_resume", "1"])
+
     # DoRA on a double-quantised NF4 base: the magnitude trains and is saved, the base is not
     trainer = train_lora.main(common + ["--lora_name", "qdora", "--max_steps", "2", "--use_dora", "1",
                                         "--double_quant", "1"])
