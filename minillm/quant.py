@@ -92,9 +92,14 @@ def dequantize_nf4(state: dict, shape, dtype=torch.float32, block_size: int = BL
     return _dequantize(state["codes"], dequantize_absmax(state), shape, dtype, block_size)
 
 
+def _byte_table(device) -> torch.Tensor:
+    """[256, 2]: the two levels a byte holds (high nibble first), so one gather per byte decodes both."""
+    levels, byte = nf4_levels(device), torch.arange(256, device=device)
+    return torch.stack([levels[byte >> 4], levels[byte & 15]], dim=1)
+
+
 def _dequantize(codes, absmax, shape, dtype, block_size: int) -> torch.Tensor:
-    idx = torch.stack([codes >> 4, codes & 15], dim=-1).view(-1)
-    values = nf4_levels(codes.device)[idx.long()].view(-1, block_size) * absmax.float().unsqueeze(1)
+    values = _byte_table(codes.device)[codes.long()].view(-1, block_size) * absmax.float().unsqueeze(1)
     n = math.prod(shape)
     return values.view(-1)[:n].view(shape).to(dtype)
 
