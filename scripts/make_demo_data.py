@@ -13,11 +13,15 @@ Held-out evaluation sets are carved out *before* any training file is written:
 - heldout_medical / heldout_identity: paraphrases that the LoRA files never use.
 The medical facts (fictional diseases) exist only in lora_medical.jsonl.
 bench/ is a multiple-choice set in C-Eval's layout (dev/ and val/ CSVs, one subject per world relation)
-for `eval_model.py --bench dataset/demo/bench`; its questions use phrasings no other file uses.
+for `eval_model.py --bench dataset/demo/bench`; its questions use phrasings no other file uses. sft.jsonl
+also holds exam rows about trained entities in the bench's cloze layout (see build_exam_rows).
+rlaif.jsonl: prompts for the RL stages with a checkable "answer": trained facts, and two-step
+arithmetic that neither r1.jsonl nor heldout_reason holds.
 """
 import argparse
 import json
 import random
+import re
 from pathlib import Path
 
 SEED = 1234
@@ -675,14 +679,16 @@ def build_all(seed=SEED):
     """name -> list of rows, for every demo file. Each file gets its own RNG stream, so changing
     one builder does not reshuffle the others."""
     world = make_world(seed)
+    sft = build_sft(world, random.Random(seed + 2))
     files = {
         "pretrain": build_pretrain(world, random.Random(seed + 1)),
-        "sft": build_sft(world, random.Random(seed + 2)),
+        "sft": mix_in(sft, build_exam_rows(world, random.Random(seed + 9)), random.Random(seed + 11)),
         "lora_medical": build_lora_medical(world, random.Random(seed + 3)),
         "lora_identity": build_lora_identity(world, random.Random(seed + 4)),
         "dpo": build_dpo(world, random.Random(seed + 5)),
         "r1": build_r1(world, random.Random(seed + 6)),
     }
+    files["rlaif"] = build_rlaif(world, files["r1"], random.Random(seed + 10))
     files.update(build_heldout(world, random.Random(seed + 7)))
     return files
 
@@ -774,6 +780,120 @@ def build_bench(world, rng):
     mapping = {rel: names + ["Demo world"] for rel, names in BENCH_SUBJECTS.items()}
     files["bench/subject_mapping.json"] = json.dumps(mapping, ensure_ascii=False, indent=1) + "\n"
     return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Exam rows for sft.jsonl: the bench's cloze layout (minillm.bench.build_prompt(..., "text"), what
+# --bench_score text scores): the subject's header, the question, the "Answer:" / "答案：" cue, and the
+# answer's own text as the reply; sometimes one or two solved examples first, as --shots builds them.
+# Only TRAINED entities, in phrasings of their own (EXAM_QUESTIONS) or SFT's usual ones, never the
+# bench's. No lettered rows (options listed, the letter as the reply): the 3M demo model did not learn
+# which letter holds the answer from 900 of them in SFT, nor from exam pages in pretraining or a LoRA
+# on them (dataset/demo/README.md), and the letters B and C, rare in pretraining, would be untrained
+# reply tokens.
+# ---------------------------------------------------------------------------------------------
+EXAM_QUESTIONS = {
+    "capital": (["Which of these cities is the capital of {s}?", "Choose the capital of {s}."],
+                ["以下哪座城市是{s}的首都？", "选出{s}的首都。"]),
+    "language": (["Which of these languages do people in {s} speak?", "Choose the language of {s}."],
+                 ["在{s}，人们说以下哪种语言？", "选出{s}的语言。"]),
+    "river": (["Which of these rivers flows through {s}?", "Choose the river of {s}."],
+              ["以下哪条河流经{s}？", "选出流经{s}的河。"]),
+    "job": (["Which of these is {s}'s job?", "Choose what {s} does for a living."],
+            ["{s}做的是以下哪种工作？", "选出{s}的职业。"]),
+    "hometown": (["Which of these cities is {s} from?", "Choose {s}'s hometown."],
+                 ["{s}的家乡是以下哪一个？", "选出{s}的家乡。"]),
+    "color": (["Which of these colors is {s}?", "Choose the color of {s}."],
+              ["{s}是以下哪种颜色的？", "选出{s}的颜色。"]),
+    "food": (["Which of these does {s} eat?", "Choose the food of {s}."],
+             ["{s}以以下哪种东西为食？", "选出{s}吃的东西。"]),
+}
+N_EXAM_ROWS = 600
+
+
+def exam_question(fact, lang, rng):
+    """A minillm.bench.Question about a trained fact, in its own exam phrasing or an SFT question; its
+    one choice is the answer (the cloze layout lists no options)."""
+    from minillm.bench import Question
+
+    fields = fact_fields(fact, lang)
+    phrasings = EXAM_QUESTIONS[fact[0]][0 if lang == "en" else 1] + TEMPLATES[fact[0]][lang]["ask"]
+    return Question(fact[0], rng.choice(phrasings).format(**fields), [fields["o"]], 0)
+
+
+def build_exam_rows(world, rng, n_rows=N_EXAM_ROWS):
+    """SFT rows of one or two exam questions of one subject (each its own user turn, the reply the
+    answer's text); a single question sometimes follows solved examples."""
+    from minillm.bench import build_prompt
+
+    by_rel = {}
+    for rel, e in world["trained_facts"]:
+        by_rel.setdefault(rel, []).append((rel, e))
+    rows = []
+    for _ in range(n_rows):
+        lang = rng.choice(["en", "zh"])
+        rel = rng.choice(sorted(by_rel))
+        turns = rng.choices([1, 2], weights=[70, 30])[0]
+        messages = []
+        for _ in range(turns):
+            fact = rng.choice(by_rel[rel])
+            n_shots = rng.choices([0, 1, 2], weights=[60, 25, 15])[0] if turns == 1 else 0
+            others = [f for f in by_rel[rel] if f[1] is not fact[1]]
+            shots = [exam_question(f, lang, rng) for f in rng.sample(others, n_shots)]
+            q = exam_question(fact, lang, rng)
+            prompt = build_prompt(q, shots, BENCH_SUBJECTS[rel][0 if lang == "en" else 1], "text")
+            messages += [user(prompt), assistant(q.choices[0])]
+        rows.append({"conversations": messages})
+    return rows
+
+
+def mix_in(rows, extra, rng):
+    """rows with `extra` inserted at random places (the rows' own order and content kept)."""
+    out = list(rows)
+    for row in extra:
+        out.insert(rng.randint(0, len(out)), row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# rlaif.jsonl: prompts for the RL stages (MiniMind's rlaif format, an empty assistant turn to fill)
+# with the short string a correct reply contains in "answer", like the heldout_* files. Facts of
+# TRAINED entities only; two-step arithmetic that is neither an r1.jsonl problem nor a held-out
+# one, asked as r1's user turns are, some with a request to reason step by step.
+# ---------------------------------------------------------------------------------------------
+STEP_BY_STEP = {"en": ["Think step by step.", "Show your steps."],
+                "zh": ["请一步一步地想。", "请写出计算步骤。"]}
+N_RLAIF_FACTS, N_RLAIF_ARITH = 240, 240
+
+
+def asked_problems(rows):
+    """The arithmetic problems asked in the user turns of chat rows, as (a, op, b)."""
+    pattern = re.compile(r"(?<!\d)(\d+) ?([+\-加减]) ?(\d+)(?!\d)")
+    found = set()
+    for row in rows:
+        for m in row["conversations"]:
+            if m["role"] == "user":
+                for a, op, b in pattern.findall(m["content"]):
+                    found.add((int(a), {"加": "+", "减": "-"}.get(op, op), int(b)))
+    return found
+
+
+def build_rlaif(world, r1_rows, rng):
+    rows = []
+    for i in range(N_RLAIF_FACTS):
+        lang = ("en", "zh")[i % 2]
+        fact = world["trained_facts"][(i // 2) % len(world["trained_facts"])]
+        rows.append((say(fact, lang, "ask", rng), fact_fields(fact, lang)["o"], lang))
+    taken = asked_problems(r1_rows) | set(world["heldout_arith"])
+    two_step = [p for p in world["trained_arith"] if p[2] >= 10 and p[2] % 10 and p not in taken]
+    for i, p in enumerate(rng.sample(two_step, N_RLAIF_ARITH)):
+        lang = ("en", "zh")[i % 2]
+        question = arith_question(p, lang, rng)
+        if i % 3 == 0:
+            question += (" " if lang == "en" else "") + rng.choice(STEP_BY_STEP[lang])
+        rows.append((question, str(solve(p)), lang))
+    rng.shuffle(rows)
+    return [{"conversations": [user(q), assistant("")], "answer": answer} for q, answer, _ in rows]
 
 
 def bench_files(seed=SEED):

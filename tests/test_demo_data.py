@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "dataset" / "demo"
-TRAINING_FILES = ["pretrain", "sft", "lora_medical", "lora_identity", "dpo", "r1"]
+TRAINING_FILES = ["pretrain", "sft", "lora_medical", "lora_identity", "dpo", "r1", "rlaif"]  # rlaif: RL prompts
 HELDOUT_FILES = ["heldout_sft", "heldout_medical", "heldout_identity", "heldout_dpo", "heldout_reason"]
 THINK_FORMAT = re.compile(r"<think>\n.+\n</think>\n<answer>\n.+\n</answer>", re.S)
 
@@ -61,6 +61,94 @@ def test_chat_files_have_valid_conversations(name):
     assert len(rows) >= 100
     for row in rows:
         check_messages(row["conversations"])
+
+
+def exam_turns():
+    """(user turn, reply) of every sft.jsonl turn in the bench's exam layout."""
+    from minillm.bench import CUES, HEADERS
+    starts = tuple(h.split("{subject}")[0] for h in HEADERS.values())
+    turns = []
+    for row in read("sft"):
+        messages = [m for m in row["conversations"] if m["role"] != "system"]
+        for ask, reply in zip(messages[::2], messages[1::2]):
+            if ask["content"].startswith(starts):
+                assert ask["content"].endswith(tuple(CUES.values())), ask["content"]
+                turns.append((ask["content"], reply["content"]))
+    return turns
+
+
+def parse_exam(text):
+    """An exam turn -> (subject name, [(question, answer or None)]), solved examples first."""
+    from minillm.bench import CUES
+    header, body = text.split("\n\n", 1)
+    blocks = []
+    for block in body.split("\n\n"):
+        question, cue = block.split("\n")
+        cue_word = next(c.strip() for c in CUES.values() if cue.startswith(c.strip()))
+        blocks.append((question, cue[len(cue_word):].strip() or None))
+    subject = header.split("about ")[-1].rstrip(".") if header.startswith("The") else header.split("关于")[1].split("考试")[0]
+    return subject, blocks
+
+
+def test_sft_exam_rows_use_the_bench_cloze_prompt_about_trained_entities():
+    """Exam-format SFT turns: exactly the prompt minillm.bench builds for text scoring (a solved example
+    included), the reply the answer's text, only trained entities asked, each subject in both languages."""
+    from minillm.bench import Question, build_prompt
+    gen = load_generator()
+    world = gen.make_world()
+    held = {name for e in (e for _, e in world["heldout_facts"]) for name in (e["en"], e["zh"])}
+    n, shots, headers = 0, 0, set()
+    for text, reply in exam_turns():
+        subject, blocks = parse_exam(text)
+        rel = next(r for r, (en, zh) in gen.BENCH_SUBJECTS.items() if subject in (en, zh))
+        lang = "zh" if "答案" in text else "en"
+        assert blocks[-1][1] is None  # the last question is the one the reply answers
+        questions = [Question(rel, q, [a], 0) for (q, _), a in zip(blocks, [a for _, a in blocks[:-1]] + [reply])]
+        assert build_prompt(questions[-1], questions[:-1], subject, "text") == text  # the bench's own layout
+        for q in questions:
+            facts = [(r, e) for r, e in world["trained_facts"] if r == rel and e[lang] in q.question]
+            assert len(facts) == 1 and not any(h in q.question for h in held), q.question  # one trained entity
+            assert q.choices[0] == gen.fact_fields(facts[0], lang)["o"], (q.question, q.choices)
+        n += 1
+        shots += len(blocks) - 1
+        headers.add(text.split("\n")[0])
+    assert n >= 600 and 100 < shots < n  # some turns carry solved examples, as --shots builds them
+    assert len(headers) == 14  # every subject's header, in both languages
+
+
+def test_rlaif_prompts_have_checkable_answers_and_leave_the_heldout_sets_alone():
+    """RL prompts: MiniMind's rlaif rows (read by minillm.rl), facts of trained entities only, two-step
+    arithmetic that r1.jsonl never asks and heldout_reason keeps; some ask for steps."""
+    from minillm.rl import PromptDataset
+    from minillm.tokenizer import Tokenizer
+    gen = load_generator()
+    world = gen.make_world()
+    rows = read("rlaif")
+    assert 300 <= len(rows) <= 1000
+    assert len(PromptDataset(DEMO / "rlaif.jsonl", Tokenizer.load(), max_prompt_len=128).prompts) == len(rows)
+    held_names = {e[lang] for _, e in world["heldout_facts"] for lang in ("en", "zh")}
+    trained = {(gen.fact_fields(f, lang)["o"], lang) for f in world["trained_facts"] for lang in ("en", "zh")}
+    r1_problems = gen.asked_problems(read("r1"))
+    assert len(r1_problems) > 1000  # the parser finds r1's problems
+    heldout = set(world["heldout_arith"])
+    langs, arith, steps = set(), 0, 0
+    for row in rows:
+        assert [m["role"] for m in row["conversations"]] == ["user", "assistant"]
+        assert row["conversations"][1]["content"] == "" and row["answer"]
+        prompt = row["conversations"][0]["content"]
+        lang = "zh" if re.search(r"[\u4e00-\u9fff]", prompt) else "en"
+        langs.add(lang)
+        assert not any(name in prompt for name in held_names), prompt
+        problems = gen.asked_problems([row])
+        if problems:
+            (p,) = problems
+            arith += 1
+            assert str(gen.solve(p)) == row["answer"] and p[2] >= 10 and p[2] % 10, row  # two reasoning steps
+            assert p not in r1_problems and p not in heldout, row
+            steps += any(s in prompt for s in gen.STEP_BY_STEP[lang])
+        else:
+            assert (row["answer"], lang) in trained, row
+    assert langs == {"en", "zh"} and 0.3 < arith / len(rows) < 0.7 and steps >= 50
 
 
 def test_sft_has_multi_turn_and_system_prompts():
