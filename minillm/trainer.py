@@ -328,7 +328,8 @@ class Trainer:
             shard_model(self.model, self.device, self.amp_dtype if cuda else None)
             by_name = dict(self.model.named_parameters())
             self.params = [by_name[n] for n in trained]
-        self.model = self.model.to(self.device)
+        else:  # (fully_shard has moved the shards and buffers to the device)
+            self.model = self.model.to(self.device)
         wanted = {id(p) for p in self.params}
         self.optimizer = build_optimizer([(n, p) for n, p in self.model.named_parameters() if id(p) in wanted],
                                          cfg, self.device)
@@ -545,12 +546,12 @@ class Trainer:
                                 + "); resume with the original shape or start a new run")
         saved = doc.get("train", {})
         now = self.cfg.to_dict()
-        if resharded and saved.get("batch_size", now["batch_size"]) * state["world_size"] != \
-                now["batch_size"] * self.dist.world_size:
+        saved_batch = saved.get("batch_size", now["batch_size"])
+        if resharded and saved_batch * state["world_size"] != now["batch_size"] * self.dist.world_size:
             raise UserError(f"cannot resume {folder}: it was written by {state['world_size']} processes x --batch_size "
-                            f"{saved['batch_size']}, this run has {self.dist.world_size} x {now['batch_size']}; keep "
-                            f"processes x --batch_size the same ({state['world_size'] * saved['batch_size']} rows per "
-                            f"micro-batch step) so the saved data position means the same rows")
+                            f"{saved_batch}, this run has {self.dist.world_size} x {now['batch_size']}; keep "
+                            f"processes x --batch_size the same ({state['world_size'] * saved_batch} rows per "
+                            f"micro-batch) so the saved data position means the same rows")
         unsafe = [k for k in ("data_path", "batch_size", "accumulation_steps", "max_seq_len", "seed", "init_from",
                               "optimizer")
                   if k in saved and saved[k] != now[k] and not (k == "batch_size" and resharded)]
