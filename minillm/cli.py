@@ -25,10 +25,43 @@ def load_for_inference(args):
     folder = model_folder(args)
     device = check_device(args.device)  # a UserError when this machine has no such device
     model, tok = load_checkpoint(folder, device=device)
+    if getattr(args, "inference_rope_scaling", None):
+        use_yarn(model, args.inference_rope_scaling, trained_seq_len(folder))
     model.eval()
     if device.startswith("cuda"):
         model.to(torch.bfloat16)
     return model, tok, folder
+
+
+def trained_seq_len(folder) -> int | None:
+    """The --max_seq_len a checkpoint was trained at (its config.yaml's train section), if recorded."""
+    from minillm.config import load_yaml
+    path = Path(folder) / "config.yaml"
+    if not path.is_file():
+        return None
+    value = (load_yaml(path).get("train") or {}).get("max_seq_len")
+    return int(value) if value else None
+
+
+def use_yarn(model, factor, trained: int | None = None) -> None:
+    """--inference_rope_scaling [F]: YaRN at inference, as MiniMind's switch sets it (factor 16 over an original
+    2048-token context, attention factor 1); a number F sets factor F over `trained` (the length the checkpoint
+    was trained at) with YaRN's own attention factor."""
+    from minillm.hf import MINIMIND_YARN
+    cfg = model.config
+    fields = dict(MINIMIND_YARN)
+    if factor is not True:
+        try:
+            fields["rope_factor"] = float(factor)
+        except ValueError:
+            raise UserError(f"--inference_rope_scaling {factor!r}: give a factor (a number >= 1) or nothing") from None
+        fields["rope_attention_factor"] = 0.0
+        if trained:
+            fields["rope_original_max_position_embeddings"] = trained
+    for k, v in fields.items():
+        setattr(cfg, k, v)
+    cfg.validate()
+    model.reset_rope()
 
 
 def add_minimind_flags(p):
@@ -48,8 +81,9 @@ def add_minimind_flags(p):
                    help="MiniMind's thinking switch: 1 opens a think block after the assistant header, 0 prefills "
                         "an empty one so the model answers directly (the chat's /think on|off as it starts; the "
                         "server's default for requests that do not say); not given: the model decides")
-    g.add_argument("--inference_rope_scaling", nargs="?", const=True, default=None, metavar="",
-                   help="refused: YaRN RoPE scaling is not implemented yet")
+    g.add_argument("--inference_rope_scaling", nargs="?", const=True, default=None, metavar="F",
+                   help="YaRN at inference (MiniMind's switch: factor 16 over an original 2048-token context, "
+                        "attention factor 1); with a number F, factor F over the length the checkpoint trained at")
     for name, kind in (("hidden_size", int), ("num_hidden_layers", int), ("use_moe", int)):
         g.add_argument(f"--{name}", type=kind, default=None, metavar="N",
                        help="ignored: the checkpoint's config fixes the model's shape (with --weight they pick "
@@ -61,9 +95,6 @@ MINIMIND_ALIASES = {"lora_weight": "lora_name", "historys": "history_cnt", "out_
 
 def apply_minimind_flags(args, argv=None) -> None:
     """Maps MiniMind's flags onto ours (UserError for a contradiction or what is not implemented)."""
-    if args.inference_rope_scaling:
-        raise UserError("--inference_rope_scaling: YaRN is not implemented yet; drop the flag (prompts and "
-                        "replies then stay within the model's max_position_embeddings)")
     given = set()
     for a in argv if argv is not None else sys.argv[1:]:
         if a.startswith("--"):

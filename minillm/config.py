@@ -35,6 +35,18 @@ class ModelConfig:
     intermediate_size: int = _help("SwiGLU width; 0 = 8/3 * hidden rounded up to a multiple of 64", default=0)
     max_position_embeddings: int = _help("longest sequence the model is meant for", default=32768)
     rope_theta: float = _help("RoPE base", default=1e6)
+    rope_scaling: str = _help("none | yarn: YaRN frequency interpolation for contexts beyond "
+                              "rope_original_max_position_embeddings", default="none")
+    rope_factor: float = _help("YaRN: context extension factor s (positions are interpolated by up to s)",
+                               default=1.0)
+    rope_original_max_position_embeddings: int = _help("YaRN: the context length the model was trained at",
+                                                       default=2048)
+    rope_beta_fast: float = _help("YaRN: dimensions rotating more than this many times over the original context "
+                                  "are left as they are (extrapolated)", default=32.0)
+    rope_beta_slow: float = _help("YaRN: dimensions rotating fewer times than this are fully interpolated",
+                                  default=1.0)
+    rope_attention_factor: float = _help("YaRN: scale of cos/sin (the attention temperature); 0 = the paper's "
+                                         "0.1 * ln(rope_factor) + 1", default=0.0)
     rms_norm_eps: float = _help("RMSNorm epsilon", default=1e-5)
     tie_word_embeddings: bool = _help("share the input embedding and the output head", default=True)
     qk_norm: bool = _help("RMSNorm on queries and keys per head (Qwen3 style)", default=False)
@@ -86,6 +98,19 @@ class ModelConfig:
                             f"divides it")
         if self.rope_theta <= 0:
             problems.append(f"rope_theta={self.rope_theta} must be positive")
+        if self.rope_scaling not in ("none", "yarn"):
+            problems.append(f"rope_scaling={self.rope_scaling!r} must be none or yarn")
+        elif self.rope_scaling == "yarn":
+            if self.rope_factor < 1:
+                problems.append(f"rope_factor={self.rope_factor} must be >= 1 (how many times longer the context gets)")
+            if self.rope_original_max_position_embeddings <= 0:
+                problems.append(f"rope_original_max_position_embeddings={self.rope_original_max_position_embeddings} "
+                                f"must be positive")
+            if not self.rope_beta_fast > self.rope_beta_slow > 0:
+                problems.append(f"rope_beta_fast={self.rope_beta_fast} must be > rope_beta_slow="
+                                f"{self.rope_beta_slow} > 0")
+            if self.rope_attention_factor < 0:
+                problems.append(f"rope_attention_factor={self.rope_attention_factor} must be >= 0 (0 = YaRN's)")
         if self.rms_norm_eps <= 0:
             problems.append(f"rms_norm_eps={self.rms_norm_eps} must be positive")
         if not 0 <= self.dropout < 1:

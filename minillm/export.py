@@ -70,6 +70,7 @@ def hf_config(cfg, tokenizer, dtype: torch.dtype = torch.float32) -> dict:
         "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "rope_scaling": None,
+        **_yarn_config(cfg),
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "initializer_range": cfg.initializer_range,
         "attention_dropout": 0.0,
@@ -95,6 +96,19 @@ def hf_config(cfg, tokenizer, dtype: torch.dtype = torch.float32) -> dict:
     if model_type == "qwen2_moe":
         doc.update(qkv_bias=True, shared_expert_intermediate_size=_shared_width(cfg))
     return doc
+
+
+def _yarn_config(cfg) -> dict:
+    """transformers' YaRN entry (rope_parameters in v5, rope_scaling before) when the model uses YaRN."""
+    if cfg.rope_scaling != "yarn":
+        return {}
+    from minillm.model import yarn_frequencies
+    import torch
+    factor = yarn_frequencies(torch.ones(cfg.head_dim // 2), cfg.head_dim, cfg.rope_theta, cfg)[1]
+    yarn = {"rope_type": "yarn", "factor": cfg.rope_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_position_embeddings,
+            "beta_fast": cfg.rope_beta_fast, "beta_slow": cfg.rope_beta_slow, "attention_factor": factor}
+    return {"rope_parameters": {**yarn, "rope_theta": cfg.rope_theta}, "rope_scaling": dict(yarn)}
 
 
 def _shared_width(cfg) -> int:

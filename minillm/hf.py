@@ -210,10 +210,15 @@ def load_state_into(model, state: dict, where: str):
 
 
 # ---- configs ----------------------------------------------------------------------------------
-def _rope_theta_and_refusals(d: dict, default_theta: float, refuse) -> float:
+MINIMIND_YARN = dict(rope_scaling="yarn", rope_factor=16.0, rope_original_max_position_embeddings=2048,
+                     rope_beta_fast=32.0, rope_beta_slow=1.0, rope_attention_factor=1.0)  # its inference_rope_scaling
+
+
+def _rope_theta_and_refusals(d: dict, default_theta: float, refuse) -> tuple[float, dict]:
+    """(rope_theta, our YaRN fields or {}) from a transformers config's rope_parameters / rope_scaling."""
     params = d.get("rope_parameters")
     scaling = d.get("rope_scaling")
-    theta = d.get("rope_theta")
+    theta, yarn = d.get("rope_theta"), {}
     for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if value is None:
             continue
@@ -221,15 +226,29 @@ def _rope_theta_and_refusals(d: dict, default_theta: float, refuse) -> float:
             refuse(key, value, "expected a mapping")
             continue
         kind = value.get("rope_type", value.get("type", "default"))
-        if kind not in (None, "default"):
-            refuse(f"{key}.rope_type", kind, "minillm computes plain RoPE only (no yarn/linear/dynamic/llama3 "
+        if kind == "yarn":
+            if value.get("mscale") or value.get("mscale_all_dim") or value.get("truncate", True) is False:
+                refuse(f"{key}.mscale/truncate", "set", "minillm's YaRN has the paper's attention factor and "
+                                                        "truncated correction range only")
+            factor = value.get("factor")
+            original = value.get("original_max_position_embeddings")
+            if factor is None or original is None:
+                refuse(f"{key}.factor/original_max_position_embeddings", None, "YaRN needs both")
+                continue
+            yarn = dict(rope_scaling="yarn", rope_factor=float(factor),
+                        rope_original_max_position_embeddings=int(original),
+                        rope_beta_fast=float(value.get("beta_fast") or 32.0),
+                        rope_beta_slow=float(value.get("beta_slow") or 1.0),
+                        rope_attention_factor=float(value.get("attention_factor") or 0.0))
+        elif kind not in (None, "default"):
+            refuse(f"{key}.rope_type", kind, "minillm computes plain RoPE or YaRN (no linear/dynamic/llama3 "
                                              "scaling)")
         if key == "rope_parameters" and value.get("rope_theta") is not None:
             theta = value["rope_theta"] if theta is None else theta
         if key == "rope_parameters" and value.get("partial_rotary_factor", 1.0) != 1.0:
             refuse("rope_parameters.partial_rotary_factor", value["partial_rotary_factor"],
                    "minillm rotates the whole head")
-    return float(default_theta if theta is None else theta)
+    return float(default_theta if theta is None else theta), yarn
 
 
 def _sliding_layers(d: dict, n_layers: int) -> list:
@@ -285,8 +304,8 @@ def config_from_hf(d: dict, where: str) -> ModelConfig:
         refuse("use_sliding_window", d.get("use_sliding_window", True),
                f"sliding-window attention on layers {sliding[:4]}{'...' if len(sliding) > 4 else ''}; minillm "
                f"attends to the whole context")
-    theta = _rope_theta_and_refusals(d, 10000.0, refuse)
-    values = dict(vocab_size=int(d["vocab_size"]), hidden_size=hidden, num_hidden_layers=layers,
+    theta, yarn = _rope_theta_and_refusals(d, 10000.0, refuse)
+    values = dict(**yarn,vocab_size=int(d["vocab_size"]), hidden_size=hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=int(kv), head_dim=int(head_dim),
                   intermediate_size=int(d["intermediate_size"]),
                   max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
@@ -345,9 +364,9 @@ def config_from_minimind(d: dict, where: str, weight_names=(), shapes: dict | No
     act = d.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         refuse("hidden_act", act, "minillm's MLP is SwiGLU with silu")
-    if d.get("inference_rope_scaling"):
-        refuse("inference_rope_scaling", True, "YaRN; minillm computes plain RoPE: set it false")
-    theta = _rope_theta_and_refusals(d, 1e6, refuse)
+    theta, yarn = _rope_theta_and_refusals(d, 1e6, refuse)
+    if d.get("inference_rope_scaling"):  # MiniMind's switch: its fixed YaRN settings
+        yarn = {**MINIMIND_YARN, **{k: v for k, v in yarn.items() if k != "rope_scaling"}} if not yarn else yarn
     if d.get("scoring_func", "softmax") != "softmax":
         refuse("scoring_func", d["scoring_func"], "minillm's router is a softmax")
     hidden = int(d.get("hidden_size", shapes.get("model.embed_tokens.weight", (0, 768))[1]))
@@ -379,7 +398,7 @@ def config_from_minimind(d: dict, where: str, weight_names=(), shapes: dict | No
     values = dict(vocab_size=int(vocab), hidden_size=hidden, num_hidden_layers=int(layers),
                   num_attention_heads=heads, num_key_value_heads=int(kv), head_dim=head_dim,
                   intermediate_size=inter, max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-                  rope_theta=theta,
+                  rope_theta=theta, **yarn,
                   rms_norm_eps=float(d.get("rms_norm_eps", 1e-6 if current else 1e-5)),
                   tie_word_embeddings=bool(d.get("tie_word_embeddings", True)), qk_norm=current)
     if use_moe:

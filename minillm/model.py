@@ -39,12 +39,37 @@ class RMSNorm(nn.Module):
         return dispatch.rms_norm(x, self.weight, self.eps, backend=self.backend)
 
 
-def rope_tables(head_dim: int, length: int, theta: float, device=None):
-    """cos/sin [length, head_dim] in fp32, rotate-half layout (frequencies repeated twice)."""
+def rope_tables(head_dim: int, length: int, theta: float, device=None, cfg: ModelConfig | None = None):
+    """cos/sin [length, head_dim] in fp32, rotate-half layout (frequencies repeated twice). With
+    cfg.rope_scaling == "yarn", YaRN's frequencies and attention factor (`yarn_frequencies`)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    scale = 1.0
+    if cfg is not None and cfg.rope_scaling == "yarn":
+        inv_freq, scale = yarn_frequencies(inv_freq, head_dim, theta, cfg)
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    if scale == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def yarn_frequencies(inv_freq, head_dim: int, theta: float, cfg: ModelConfig):
+    """YaRN (Peng et al. 2023), as transformers' `_compute_yarn_parameters` computes it: dimension pairs that
+    turn more than beta_fast times over the original context keep their frequency, those turning fewer than
+    beta_slow times are divided by the factor s, a linear ramp between; cos/sin are scaled by the attention
+    factor (0.1 ln s + 1 unless given). -> (inv_freq, attention factor)."""
+    s, original = cfg.rope_factor, cfg.rope_original_max_position_embeddings
+
+    def dim_of(rotations):  # the dimension index that turns `rotations` times over the original context
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dim_of(cfg.rope_beta_fast)), 0)
+    high = min(math.ceil(dim_of(cfg.rope_beta_slow)), head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, device=inv_freq.device, dtype=torch.float32) - low)
+            / (high - low if high != low else 0.001)).clamp(0, 1)  # 0: keep, 1: interpolate
+    inv_freq = inv_freq * (1 - ramp) + inv_freq / s * ramp
+    factor = cfg.rope_attention_factor or (0.1 * math.log(s) + 1.0 if s > 1 else 1.0)
+    return inv_freq, factor
 
 
 class KVCache:
@@ -259,7 +284,7 @@ class MiniLLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_tables(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope_theta, cfg=cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -280,10 +305,16 @@ class MiniLLM(nn.Module):
             n -= self.model.embed_tokens.weight.numel()
         return n
 
+    def reset_rope(self):
+        """Recompute the RoPE tables from the config (after its rope fields changed, e.g. YaRN switched on)."""
+        cos, sin = rope_tables(self.config.head_dim, self.rope_cos.shape[0], self.config.rope_theta,
+                               self.rope_cos.device, cfg=self.config)
+        self.rope_cos, self.rope_sin = cos, sin
+
     def _rope(self, length: int, position_ids=None):
         if length > self.rope_cos.shape[0]:  # grow the tables (a shape check, no sync)
             cos, sin = rope_tables(self.config.head_dim, max(length, 2 * self.rope_cos.shape[0]),
-                                   self.config.rope_theta, self.rope_cos.device)
+                                   self.config.rope_theta, self.rope_cos.device, cfg=self.config)
             self.rope_cos, self.rope_sin = cos, sin
         if position_ids is None:
             return self.rope_cos[:length], self.rope_sin[:length]

@@ -49,7 +49,7 @@ class RewardModel(nn.Module):
         self.score_head = nn.Linear(cfg.hidden_size, 1, bias=False)
         nn.init.normal_(self.score_head.weight, std=cfg.initializer_range)  # as transformers inits `score`
         cos, sin = rope_tables(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope_theta,
-                               self.model.embed_tokens.weight.device)
+                               self.model.embed_tokens.weight.device, cfg=cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

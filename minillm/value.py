@@ -46,7 +46,7 @@ class ValueModel(nn.Module):
         self.model = trunk if trunk is not None else MiniLLM(cfg).model
         self.value_head = nn.Linear(cfg.hidden_size, 1)
         cos, sin = rope_tables(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope_theta,
-                               self.model.embed_tokens.weight.device)
+                               self.model.embed_tokens.weight.device, cfg=cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

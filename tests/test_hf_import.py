@@ -115,8 +115,9 @@ def test_fused_moe_experts_split_per_expert(tmp_path):
 
 
 REFUSED = {
-    "rope_parameters.rope_type": ("LlamaConfig", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0,
-                                                                       "rope_theta": 1e4,
+    "rope_parameters.rope_type": ("LlamaConfig", dict(rope_parameters={"rope_type": "llama3", "factor": 4.0,
+                                                                       "rope_theta": 1e4, "low_freq_factor": 1.0,
+                                                                       "high_freq_factor": 4.0,
                                                                        "original_max_position_embeddings": 64})),
     "use_sliding_window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
     "mlp_bias": ("LlamaConfig", dict(mlp_bias=True)),
@@ -389,8 +390,9 @@ def test_minimind_transformers_folder(tmp_path):
         assert (model.eval()(ids) - minimind_reference(state, cfg, ids, True)).abs().max().item() <= 1e-4
     doc = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**doc, "inference_rope_scaling": True}))
-    with pytest.raises(UserError, match="inference_rope_scaling"):
-        load_config(tmp_path)
+    cfg = load_config(tmp_path)[0]  # MiniMind's switch: its fixed YaRN settings
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_max_position_embeddings,
+            cfg.rope_attention_factor) == ("yarn", 16.0, 2048, 1.0)
 
 
 @pytest.mark.parametrize("kw", [{}, dict(qk_norm=True), dict(qk_norm=True, use_moe=True, n_shared_experts=0),

@@ -255,8 +255,9 @@ def test_eval_model_takes_minimind_eval_flags(chain):
     prompt = r.stdout.split("[prompt:")[1].split("\n")[0]
     assert prompt.rstrip("'").endswith("assistant\\n<think>\\n\\n</think>\\n\\n")  # thinking off from the start
     r = subprocess.run([sys.executable, str(ROOT / "eval_model.py"), "--save_dir", str(out), "--weight", "full_sft",
-                        "--inference_rope_scaling"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "--inference_rope_scaling: YaRN is not implemented yet" in r.stderr
+                        "--inference_rope_scaling", "x"], cwd=ROOT, input="hi\n", capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "--inference_rope_scaling 'x': give a factor" in r.stderr
     assert "Traceback" not in r.stderr
 
 
