@@ -498,6 +498,8 @@ def peft_state_dict(model) -> dict:
             continue
         state[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
         state[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+        if getattr(m, "use_dora", False):  # DoRA's magnitude, under PEFT's file key
+            state[f"base_model.model.{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().contiguous().cpu()
     if refused:
         raise UserError(f"the adapter has LoRA on mixture-of-experts layers ({refused[0]}, {len(refused)} in all), "
                         f"which transformers stores fused (one 3-D tensor per layer) or gated, so PEFT cannot load "
@@ -521,7 +523,7 @@ def peft_config(settings: dict, base_name: str) -> dict:
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": bool(settings.get("use_dora", False)),
     }
 
 

@@ -250,28 +250,31 @@ def test_chat_template_with_tools_equals_render_chat(hf_tokenizer, start, end, t
 
 
 # ---- LoRA -> PEFT -------------------------------------------------------------------------------------
-def _adapter(tmp_path, rslora=False, targets=None, **overrides):
+def _adapter(tmp_path, rslora=False, targets=None, use_dora=False, **overrides):
     base = make_model(**overrides)
     save_checkpoint(tmp_path / "base", base, TOK)
     kwargs = {"targets": targets} if targets else {}
-    apply_lora(base, rank=4, alpha=8, rslora=rslora, **kwargs)
+    apply_lora(base, rank=4, alpha=8, rslora=rslora, use_dora=use_dora, **kwargs)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for m in base.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+                if use_dora:  # a trained magnitude, not the one a fresh adapter starts from
+                    m.lora_magnitude_vector.mul_(1 + 0.1 * torch.randn(m.lora_magnitude_vector.shape, generator=g))
     save_lora(tmp_path / "lora", base, {"base": "base"})  # as a run records it: relative to where it ran
     return base
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_peft_adapter_logits_equal_ours(tmp_path, rslora):
+@pytest.mark.parametrize("rslora,use_dora", [(False, False), (True, False), (False, True)])
+def test_peft_adapter_logits_equal_ours(tmp_path, rslora, use_dora):
     peft = pytest.importorskip("peft")
-    ours = _adapter(tmp_path, rslora=rslora)
+    ours = _adapter(tmp_path, rslora=rslora, use_dora=use_dora)
     export_model(tmp_path / "base", tmp_path / "hf_base")
     convert(tmp_path / "lora", out=tmp_path / "peft", base=tmp_path / "base", base_name=str(tmp_path / "hf_base"))
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["use_rslora"] is rslora
+    assert config["use_dora"] is use_dora
     model = peft.PeftModel.from_pretrained(hf_load(tmp_path / "hf_base"), tmp_path / "peft").eval()
     with torch.no_grad():
         with_adapter = model(ids()).logits
