@@ -1,6 +1,8 @@
 """Multiple-choice benchmarks (minillm/bench.py, eval_model.py --bench): CSV and jsonl reading, the
-prompt, letter-logit scoring against a hand computation, errors, and the demo bench at chance."""
+prompt, letter-logit scoring against a hand computation, errors, the demo bench at chance for an untrained
+model, and exam training lifting the letter score above chance."""
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +218,51 @@ def test_untrained_model_scores_near_chance_on_the_demo_bench():
         report = score_bench(tiny_model(seed), TOK, questions, load_dev(DEMO_BENCH), shots=3,
                              names=subject_names(DEMO_BENCH), progress=False)
         assert 0.12 <= report.accuracy <= 0.40, report.to_json()["overall"]
+
+
+def test_exam_training_lifts_the_letter_score_on_questions_phrased_anew():
+    """A model trained a few seconds on exam rows (the bench's own chat prompt, the reply the answer's
+    letter) scores clearly above chance on the same questions in a phrasing it never saw; untrained,
+    about 25%. So the letter scorer measures what training taught, through the same prompt builder,
+    chat rendering and letter tokens. This 70k-parameter model learns each question's letter (the
+    options keep their order, as in a fixed exam), not which option holds the answer: the 3M demo
+    model does not learn that either (README: benchmark scores)."""
+    rng = random.Random(0)
+    syllables = ["ka", "lo", "ve", "ri", "ta", "sen", "mor", "da", "li", "na", "bel", "tor", "zan", "mi", "ra", "fen"]
+    names = []
+    while len(names) < 24:
+        name = "".join(rng.sample(syllables, 2)).capitalize()
+        names += [name] if name not in names else []
+    countries, cities = [n + "ia" for n in names[:16]], names[16:]
+    capital = {c: cities[i % len(cities)] for i, c in enumerate(countries)}
+    options = {}
+    for i, c in enumerate(countries):  # four choices, the answer at a balanced letter
+        wrong = rng.sample([x for x in cities if x != capital[c]], 3)
+        options[c] = (wrong[: i % 4] + [capital[c]] + wrong[i % 4:], i % 4)
+
+    def asked(phrasing):
+        return [Question("capital", phrasing.format(c), *options[c]) for c in countries]
+
+    train = [q for p in ["Which city is the capital of {}?", "What is the capital of {}?", "Name the capital of {}.",
+                         "{} has which capital?"] for q in asked(p)]
+    held_out = {"capital": asked("Pick the capital city of {} from the options below.")}
+    model = tiny_model(0).train()
+    assert score_bench(model, TOK, held_out, progress=False).accuracy <= 0.375  # chance: 25%
+    prompts = [prompt_ids(TOK, build_prompt(q, [], "Capitals"), True) for q in train]
+    replies = [TOK.encode(LETTERS[q.answer]) for q in train]  # one token: the letter
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(p + r) for p, r in zip(prompts, replies)], batch_first=True,
+                                          padding_value=TOK.pad_id)
+    labels = torch.full_like(ids, -100)  # the loss on the reply only
+    for row, (p, r) in enumerate(zip(prompts, replies)):
+        labels[row, len(p) - 1: len(p) - 1 + len(r)] = torch.tensor(r)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), labels.flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss < 0.5
+    assert score_bench(model, TOK, held_out, progress=False).accuracy >= 0.5  # 8 of 16: p < 0.03 by chance
 
 
 def test_eval_model_bench_prints_a_table_and_writes_json(tmp_path, checkpoint):
