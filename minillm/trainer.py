@@ -224,8 +224,8 @@ def build_optimizer(named_params, cfg: TrainConfig, device: torch.device):
 
 def shard_model(model: torch.nn.Module, device: torch.device, param_dtype: torch.dtype | None):
     """FSDP2 (torch.distributed.fsdp.fully_shard) over all processes: one group per decoder block, so
-    one block's all-gather overlaps the previous block's compute and only one block is whole at a
-    time, then the root (embeddings, final norm, output head: tied weights share the root group).
+    one block's all-gather overlaps the previous block's compute and only a block or two are whole at
+    a time, then the root (embeddings, final norm, output head: tied weights share the root group).
     Parameters, gradients and the optimizer state built on them are sharded 1/world per rank; the
     sharded parameters stay fp32 (the master copy) and are gathered in `param_dtype` for compute
     (bf16 on CUDA), with gradients reduced in fp32. The module moves to `device` as it is sharded."""
@@ -292,6 +292,9 @@ class Trainer:
     adapter (plus resume state) instead of the whole model. `checkpoint_model` (default: the model) is the
     part of the model a checkpoint's weights hold, e.g. the policy of PPO's policy + critic pair, so the
     checkpoint loads as a plain model; the model's other tensors (the critic) travel in the resume state.
+
+    --fsdp 1 shards the model instead of replicating it (`shard_model`); `loss_fn` then must reach the
+    model through its forward (`model(...)`), as it must for DDP and torch.compile too.
     """
 
     def __init__(self, stage: "Stage", dataset, sampler, collate, params=None, save_adapter: bool = False,
