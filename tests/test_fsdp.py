@@ -141,6 +141,16 @@ def test_resume_refuses_what_would_change_the_run(runs, corpus):
         train_pretrain.main(base + ["--batch_size", "4"])
 
 
+def test_what_fsdp_does_not_shard_is_refused_by_name(runs, tmp_path):
+    """A LoRA adapter (save_adapter) is refused before anything trains, naming --fsdp 0."""
+    import train_lora
+    _, _, out = runs
+    with pytest.raises(UserError, match=r"--fsdp 1 shards whole-model training.*--fsdp 0"):
+        train_lora.main(["--init_from", str(out / "one/pretrain"), "--fsdp", "1", "--device", "cpu",
+                         "--num_workers", "0", "--use_tensorboard", "0", "--max_steps", "1",
+                         "--save_dir", str(tmp_path)])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
