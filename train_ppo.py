@@ -91,6 +91,9 @@ def add_ppo_args(parser):
     group.add_argument("--ppo_update_iters", type=int, default=2, help="passes (PPO epochs) over each step's rollouts")
     group.add_argument("--mini_batch_size", type=int, default=8,
                        help="rollouts per optimizer update, per process (0 = all of the step's)")
+    group.add_argument("--value_warmup_steps", type=int, default=0,
+                       help="first steps train the critic alone on their rollouts (policy loss off), so that the "
+                            "first policy updates see a learned baseline, not a zero one (TRL does not)")
     group.add_argument("--early_stop_kl", type=float, default=0.25,
                        help="stop a step's updates once policy/approxkl exceeds this (0 = never)")
     group.add_argument("--use_lora", type=int, default=0,
@@ -172,11 +175,12 @@ def rollout_seed(seed: int, step: int, rank: int) -> int:
 
 
 def make_ppo_rollout(rows, tokenizer, reward_fn, reference, args, seed_fn, micro_batch_rows: int, autocast,
-                     kl_box: dict):
+                     kl_box: dict, step_fn=lambda: 0):
     """The trainer's `rollout(model, micro_batches)`: samples completions for the step's prompts with the
     policy of `model` (a PolicyAndValue), builds the experience and yields the step's updates.
     `reference(ids) -> logits` is the frozen reference; `seed_fn()` -> this step's seed; `kl_box["approxkl"]`
-    is where the loss adds each update's approximate KL (read here for the early stop). `rollout.scores`
+    is where the loss adds each update's approximate KL (read here for the early stop); `step_fn()` -> the
+    trainer's step (the first --value_warmup_steps train the critic alone). `rollout.scores`
     keeps each step's mean score (over all ranks), `rollout.early_stops` counts the stopped steps."""
     sampling = SamplingParams(max_new_tokens=args.max_gen_len, temperature=args.temperature, top_k=0, top_p=1.0,
                               stop_ids=tokenizer.stop_ids)
@@ -235,6 +239,9 @@ def make_ppo_rollout(rows, tokenizer, reward_fn, reference, args, seed_fn, micro
             model.kl_coef.fill_(adaptive_kl_coef(kl_coef, float(all_ranks_mean(mean_kl)), args.kl_target,
                                                  len(prompts) * world, args.kl_horizon))
 
+        warmup = step_fn() < getattr(args, "value_warmup_steps", 0)
+        # the critic alone: the policy loss weighted 0 (not dropped: every parameter keeps a gradient)
+        stats["policy/weight"] = torch.tensor(0.0 if warmup else 1.0, device=device)
         experience = {"ids": ro.ids, "loss_mask": ro.loss_mask, "old_logprobs": logprobs, "old_values": values,
                       "returns": returns, "advantages": advantages}
         n = len(prompts)
@@ -250,7 +257,7 @@ def make_ppo_rollout(rows, tokenizer, reward_fn, reference, args, seed_fn, micro
                 yield batches
                 # early stop on the KL between the updated policy and the sampling one, decided on the
                 # mean over ranks so that every rank stops at the same update
-                if args.early_stop_kl > 0:
+                if args.early_stop_kl > 0 and not warmup:
                     approxkl = kl_box["approxkl"]
                     if dist.is_available() and dist.is_initialized():
                         dist.all_reduce(approxkl)  # each rank holds its share of the all-rank mean
@@ -277,7 +284,7 @@ def make_ppo_loss(clip: float, clip_value: float, vf_coef: float, temperature: f
         vf_losses, vf_clipped = clipped_value_loss(values[:, :-1], batch["old_values"], batch["returns"], clip_value)
         m, n = mask.float(), totals["n_targets"]
         pg_loss, vf_loss = (pg_losses * m).sum() / n, (vf_losses * m).sum() / n
-        loss = pg_loss + vf_coef * vf_loss
+        loss = batch["stats"].get("policy/weight", 1.0) * pg_loss + vf_coef * vf_loss
         with torch.no_grad():
             entropy = torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
             approxkl = 0.5 * ((logprobs - batch["old_logprobs"]) ** 2 * m).sum() / n
@@ -389,7 +396,7 @@ def main(argv=None, reward_fn=None):
                       checkpoint_model=policy)
     rollout = make_ppo_rollout(dataset.rows, stage.tokenizer, reward_fn, reference, args,
                                lambda: rollout_seed(cfg.seed, trainer.step, dist_info.rank), micro_rows, autocast,
-                               kl_box)
+                               kl_box, step_fn=lambda: trainer.step)
     loss_fn = make_ppo_loss(args.clip_epsilon, args.cliprange_value, args.vf_coef, args.temperature, kl_box,
                             aux_loss_coef=stage.model_cfg.aux_loss_coef if stage.model_cfg.use_moe else 0.0)
     trainer.fit(loss_fn, rollout=rollout)

@@ -386,3 +386,16 @@ def test_reward_model_run_starts_the_critic_from_it(sft_checkpoint):
         assert torch.equal(critic.model.state_dict()[name], value), name
     with pytest.raises(Exception, match="--value_init reward needs"):
         train_ppo.main(_argv(sft_checkpoint, "--value_init", "reward"), reward_fn=low_ids)
+
+
+def test_value_warmup_trains_the_critic_alone(sft_checkpoint):
+    trainer = train_ppo.main(_argv(sft_checkpoint, "--save_weight", "warm", "--max_steps", "2",
+                                   "--value_warmup_steps", "2", "--learning_rate", "1e-3"), reward_fn=low_ids)
+    assert len(trainer.rollout_scores) == 2
+    out = sft_checkpoint / "out"
+    policy, _ = load_checkpoint(out / "warm", with_tokenizer=False)
+    start, _ = load_checkpoint(sft_checkpoint / "sft", with_tokenizer=False)
+    for (name, p), q in zip(policy.state_dict().items(), start.state_dict().values()):
+        assert torch.equal(p, q), name  # the policy loss was weighted 0: not one weight moved
+    critic = load_trainer_state(out / "warm")["other_tensors"]
+    assert critic["value_model.value_head.weight"].abs().sum() > 0  # the critic's zero head learned
