@@ -249,15 +249,10 @@ def test_exam_training_lifts_the_letter_score_on_questions_phrased_anew():
     model = tiny_model(0).train()
     assert score_bench(model, TOK, held_out, progress=False).accuracy <= 0.375  # chance: 25%
     prompts = [prompt_ids(TOK, build_prompt(q, [], "Capitals"), True) for q in train]
-    replies = [TOK.encode(LETTERS[q.answer]) for q in train]  # one token: the letter
-    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(p + r) for p, r in zip(prompts, replies)], batch_first=True,
-                                          padding_value=TOK.pad_id)
-    labels = torch.full_like(ids, -100)  # the loss on the reply only
-    for row, (p, r) in enumerate(zip(prompts, replies)):
-        labels[row, len(p) - 1: len(p) - 1 + len(r)] = torch.tensor(r)
+    letters = torch.tensor([TOK.encode(LETTERS[q.answer])[0] for q in train])  # the reply: one token
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), labels.flatten(), ignore_index=-100)
+    for _ in range(60):  # the loss on the reply only: the log-prob of the letter after the prompt
+        loss = -next_token_logprobs(model, prompts, TOK.pad_id)[torch.arange(len(train)), letters].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
