@@ -181,7 +181,8 @@ def make_ppo_rollout(rows, tokenizer, reward_fn, reference, args, seed_fn, micro
     `reference(ids) -> logits` is the frozen reference; `seed_fn()` -> this step's seed; `kl_box["approxkl"]`
     is where the loss adds each update's approximate KL (read here for the early stop); `step_fn()` -> the
     trainer's step (the first --value_warmup_steps train the critic alone). `rollout.scores`
-    keeps each step's mean score (over all ranks), `rollout.early_stops` counts the stopped steps."""
+    keeps each step's mean score and `rollout.kls` its mean KL per completion (over all ranks),
+    `rollout.early_stops` counts the stopped steps."""
     sampling = SamplingParams(max_new_tokens=args.max_gen_len, temperature=args.temperature, top_k=0, top_p=1.0,
                               stop_ids=tokenizer.stop_ids)
 
@@ -234,6 +235,7 @@ def make_ppo_rollout(rows, tokenizer, reward_fn, reference, args, seed_fn, micro
                  "completions/mean_length": mask.float().sum(1).mean()}
         stats.update({f"rewards/{name}": value.float().mean() for name, value in parts.items()})
         rollout.scores.append(float(all_ranks_mean(scores.mean())))
+        rollout.kls.append(float(all_ranks_mean(mean_kl)))
         if args.kl_target > 0:  # every rank moves the coefficient by the same all-rank KL and rollout count
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             model.kl_coef.fill_(adaptive_kl_coef(kl_coef, float(all_ranks_mean(mean_kl)), args.kl_target,
@@ -265,7 +267,7 @@ def make_ppo_rollout(rows, tokenizer, reward_fn, reference, args, seed_fn, micro
                         rollout.early_stops += 1
                         return
 
-    rollout.scores, rollout.early_stops = [], 0
+    rollout.scores, rollout.kls, rollout.early_stops = [], [], 0
     return rollout
 
 
@@ -304,13 +306,20 @@ def make_ppo_loss(clip: float, clip_value: float, vf_coef: float, temperature: f
 
 # -- reports -----------------------------------------------------------------------------------------
 @torch.no_grad()
-def greedy_scores(policy, tokenizer, dataset, reward_fn, n_prompts: int, max_gen_len: int) -> float:
-    """Mean score of greedy completions to the first `n_prompts` prompts (the reward the policy earns
-    without sampling noise), for the before/after report."""
-    idx = list(range(min(n_prompts, len(dataset))))
-    params = SamplingParams(max_new_tokens=max_gen_len, temperature=0.0, top_p=1.0, stop_ids=tokenizer.stop_ids)
-    ro = sample_rollouts(policy, [dataset.prompts[i] for i in idx], 1, params, tokenizer.pad_id)
-    return float(reward_fn([dataset.rows[i] for i in idx], ro)[0].mean())
+def prompt_scores(policy, tokenizer, dataset, reward_fn, n_prompts: int, max_gen_len: int, temperature: float = 0.0,
+                  samples: int = 1, seed: int = 0) -> float:
+    """Mean score of `samples` completions to each of the first `n_prompts` prompts, greedy (temperature 0)
+    or sampled from a fixed seed, for the before/after report (the same prompts and draws both times)."""
+    n = min(n_prompts, len(dataset))
+    params = SamplingParams(max_new_tokens=max_gen_len, temperature=temperature, top_k=0, top_p=1.0,
+                            stop_ids=tokenizer.stop_ids)
+    generator = torch.Generator(next(policy.parameters()).device).manual_seed(seed)
+    total = 0.0
+    for start in range(0, n, 32):
+        idx = list(range(start, min(n, start + 32)))
+        ro = sample_rollouts(policy, [dataset.prompts[i] for i in idx], samples, params, tokenizer.pad_id, generator)
+        total += float(reward_fn([dataset.rows[i] for i in idx for _ in range(samples)], ro)[0].sum())
+    return total / (n * samples)
 
 
 def main(argv=None, reward_fn=None):
@@ -384,8 +393,13 @@ def main(argv=None, reward_fn=None):
         ("" if args.report_path == "auto" else args.report_path)
     report_rows = read_heldout(report_path) if report_path and dist_info.is_main else []
     before, n_report = {}, args.report_prompts if dist_info.is_main else 0
+
+    def report_rewards():  # what the rollouts earn (sampled, 4 per prompt) and what a user sees (greedy)
+        return {"sampled": prompt_scores(policy, stage.tokenizer, dataset, reward_fn, n_report, args.max_gen_len,
+                                         args.temperature, samples=4),
+                "greedy": prompt_scores(policy, stage.tokenizer, dataset, reward_fn, n_report, args.max_gen_len)}
     if n_report:
-        before["reward"] = greedy_scores(policy, stage.tokenizer, dataset, reward_fn, n_report, args.max_gen_len)
+        before["reward"] = report_rewards()
     if report_rows:
         before["heldout"] = heldout_accuracy(policy, stage.tokenizer, report_rows)
 
@@ -403,15 +417,20 @@ def main(argv=None, reward_fn=None):
     trainer.rollout_scores = rollout.scores
 
     if dist_info.is_main:
-        scores, after = rollout.scores, {}
+        scores, kls, after = rollout.scores, rollout.kls, {}
         k = max(1, math.ceil(len(scores) / 5))
-        line = (f"reward ({rewards_spec}): sampled mean {np.mean(scores[:k]):.3f} over the first {k} steps -> "
-                f"{np.mean(scores[-k:]):.3f} over the last {k}; early stops {rollout.early_stops}")
+        if scores:  # (a resumed run may have had no step left)
+            trainer.log(f"reward ({rewards_spec}) of the rollouts: {np.mean(scores[:k]):.3f} over the first {k} "
+                        f"steps -> "
+                        f"{np.mean(scores[-k:]):.3f} over the last {k}; KL to the reference per completion "
+                        f"{np.mean(kls[-k:]):.3f} over the last {k} steps (max {max(kls):.3f}); early stops "
+                        f"{rollout.early_stops}")
         if n_report:
-            after["reward"] = greedy_scores(policy, stage.tokenizer, dataset, reward_fn, n_report, args.max_gen_len)
-            line += (f"; greedy on the first {min(n_report, len(dataset))} prompts {before['reward']:.3f} -> "
-                     f"{after['reward']:.3f}")
-        trainer.log(line)
+            after["reward"] = report_rewards()
+            for name in ("sampled", "greedy"):
+                how = f"sampled 4 per prompt at temperature {args.temperature}" if name == "sampled" else "greedy"
+                trainer.log(f"reward on the first {min(n_report, len(dataset))} training prompts, {how}: "
+                            f"{before['reward'][name]:.3f} -> {after['reward'][name]:.3f}")
         if report_rows:
             after["heldout"] = heldout_accuracy(policy, stage.tokenizer, report_rows)
             trainer.log(f"held-out accuracy ({len(report_rows)} questions from {report_path}): "
