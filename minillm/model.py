@@ -274,30 +274,19 @@ class LossOutput(NamedTuple):
         return {"aux_loss": self.aux_loss / totals["micro_batches"]} if self.aux_loss.requires_grad else {}
 
 
-class MiniLLM(nn.Module):
-    """Causal LM. `model(input_ids)` -> logits [B, T, V]; `model.loss(input_ids, labels)` for training."""
+class Trunk(nn.Module):
+    """What every model on the decoder shares: `config`, the `Decoder` (as `.model`), the RoPE tables and
+    `forward_hidden` -> final-norm hidden states. MiniLLM adds the LM head; the reward model and the PPO
+    critic (minillm.reward, minillm.value) add a scalar head. `trunk` reuses an existing Decoder."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, trunk: "Decoder | None" = None):
         super().__init__()
         self.config = cfg
-        self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_tables(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope_theta, cfg=cfg)
+        self.model = trunk if trunk is not None else Decoder(cfg)
+        device = self.model.embed_tokens.weight.device
+        cos, sin = rope_tables(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope_theta, device, cfg=cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # residual projections scaled down with depth (GPT-2), so the stream's variance stays put
-        for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers))
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.config.initializer_range)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
@@ -364,6 +353,27 @@ class MiniLLM(nn.Module):
             return cos, sin, position_ids, mask
         cos, sin = self._rope(start + T)
         return cos[start:], sin[start:], None, None
+
+
+class MiniLLM(Trunk):
+    """Causal LM. `model(input_ids)` -> logits [B, T, V]; `model.loss(input_ids, labels)` for training."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+        # residual projections scaled down with depth (GPT-2), so the stream's variance stays put
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
 
     def forward(self, input_ids, labels=None, reduction: str = "mean", cache: KVCache | None = None,
                 return_aux: bool = False):

@@ -20,38 +20,27 @@ from minillm.checkpoint import CONFIG, load_config, load_weights, resolve_checkp
 from minillm.config import ModelConfig
 from minillm.data import dpo_collate, read_jsonl
 from minillm.errors import NotFound, UserError
-from minillm.model import Decoder, MiniLLM, eval_mode, rope_tables
+from minillm.model import Decoder, MiniLLM, Trunk, eval_mode
 
 MODEL_KIND = "reward"  # config.yaml's stage.model_kind of a reward checkpoint
 
 
-class RewardModel(nn.Module):
+class RewardModel(Trunk):
     """`model(ids, lengths)` -> one scalar reward per row [N] (fp32), differentiable.
 
     ids [N, T] are right-padded and `lengths` [N] (a LongTensor or a list) count each row's real
     tokens; the reward is read at position lengths - 1. Causal attention keeps the padding after a
     row's last token from changing anything before it, so no attention mask is needed.
 
-    The trunk is a `Decoder` (the LM's `model` module: embeddings, blocks, final norm); its forward
-    and RoPE tables are MiniLLM's own, which keeps them beside its Decoder rather than in it, so they
-    are borrowed here, not copied. Not a MiniLLM subclass: code that takes a MiniLLM for a language
-    model (logits, generation, bits per byte) must not take a reward model for one.
+    The trunk is a `Decoder` (the LM's `model` module: embeddings, blocks, final norm) run by the shared
+    `Trunk` forward. Not a MiniLLM: code that takes a MiniLLM for a language model (logits, generation,
+    bits per byte) must not take a reward model for one.
     """
-    forward_hidden = MiniLLM.forward_hidden
-    _rope = MiniLLM._rope
-    _cached_positions = MiniLLM._cached_positions
-    num_params = MiniLLM.num_params
 
     def __init__(self, cfg: ModelConfig, trunk: Decoder | None = None):
-        super().__init__()
-        self.config = cfg
-        self.model = trunk if trunk is not None else MiniLLM(cfg).model  # MiniLLM's initialisation
+        super().__init__(cfg, trunk if trunk is not None else MiniLLM(cfg).model)  # MiniLLM's initialisation
         self.score_head = nn.Linear(cfg.hidden_size, 1, bias=False)
         nn.init.normal_(self.score_head.weight, std=cfg.initializer_range)  # as transformers inits `score`
-        cos, sin = rope_tables(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope_theta,
-                               self.model.embed_tokens.weight.device, cfg=cfg)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
 
     @classmethod
     def from_lm(cls, lm: MiniLLM) -> "RewardModel":

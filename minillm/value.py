@@ -26,29 +26,19 @@ import torch
 from torch import nn
 
 from minillm.config import ModelConfig
-from minillm.model import Decoder, MiniLLM, rope_tables
+from minillm.model import Decoder, MiniLLM, Trunk
 
 
-class ValueModel(nn.Module):
+class ValueModel(Trunk):
     """The critic: a decoder trunk and a scalar head read at every position (MiniMind's CriticModel,
     TRL's value model): forward(ids [N, T]) -> values [N, T] in fp32.
 
-    Built as minillm.reward.RewardModel is (the trunk is a `Decoder`, MiniLLM's forward borrowed), and not
-    a MiniLLM: code that takes a language model must not take a critic for one."""
-    forward_hidden = MiniLLM.forward_hidden
-    _rope = MiniLLM._rope
-    _cached_positions = MiniLLM._cached_positions
-    num_params = MiniLLM.num_params
+    Built as minillm.reward.RewardModel is (a `Trunk`: the decoder and its forward), and not a MiniLLM:
+    code that takes a language model must not take a critic for one."""
 
     def __init__(self, cfg: ModelConfig, trunk: Decoder | None = None):
-        super().__init__()
-        self.config = cfg
-        self.model = trunk if trunk is not None else MiniLLM(cfg).model
+        super().__init__(cfg, trunk if trunk is not None else MiniLLM(cfg).model)
         self.value_head = nn.Linear(cfg.hidden_size, 1)
-        cos, sin = rope_tables(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope_theta,
-                               self.model.embed_tokens.weight.device, cfg=cfg)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
 
     @classmethod
     def from_policy(cls, policy: MiniLLM) -> "ValueModel":
