@@ -654,10 +654,13 @@ class Trainer:
         while self.epoch < self.cfg.epochs:
             self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
             left = (len(self.sampler) // accum) * accum
+            # its own generator: a DataLoader without one draws its workers' base seed from the global RNG,
+            # so every (re)start would shift the stream that dropout and sampling draw from afterwards
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=self.sampler, collate_fn=self.collate,
                 num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
-                prefetch_factor=4 if self.cfg.num_workers > 0 else None)
+                prefetch_factor=4 if self.cfg.num_workers > 0 else None,
+                generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch))
             micro = []
             for i, batch in enumerate(loader):
                 if i >= left:

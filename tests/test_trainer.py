@@ -191,3 +191,28 @@ def test_benchmark_longer_than_the_data_is_one_clear_error(corpus, tmp_path):
     from minillm.errors import UserError
     with pytest.raises(UserError, match="--benchmark_warmup 5000"):
         run_pretrain(corpus, tmp_path, "--benchmark", "3", "--benchmark_warmup", "5000")
+
+
+def test_dropout_runs_resume_exactly(corpus, tmp_path, monkeypatch):
+    """A stage that draws random numbers in its steps (dropout) resumes onto the same stream: starting the
+    data loader draws nothing from the global RNG."""
+    n = 3
+    extra = ("--max_steps", str(2 * n), "--save_interval", str(n), "--set", "dropout=0.2")
+    whole = run_pretrain(corpus, tmp_path / "a", *extra)
+
+    class Crash(Exception):
+        pass
+
+    original_save = Trainer.save
+
+    def save_then_crash(self):
+        original_save(self)
+        if self.step == n:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "save", save_then_crash)
+    with pytest.raises(Crash):
+        run_pretrain(corpus, tmp_path / "b", *extra)
+    monkeypatch.setattr(Trainer, "save", original_save)
+    resumed = run_pretrain(corpus, tmp_path / "b", *extra, "--from_resume", "1")
+    assert resumed.history == whole.history[n:]
