@@ -219,7 +219,9 @@ def test_chat_page_streams_keeps_history_and_shows_errors(browser, server, tmp_p
     assert shot.stat().st_size > 1000
     print("screenshot:", shot)
 
-    # Stop: a long reply cut short keeps what came, and that is what the history holds
+    # Stop: a long reply cut short keeps what came, and that is what the history holds (thinking off
+    # again: with it on, the open think block would take the whole reply as reasoning)
+    drv.find_element(By.ID, "thinking").click()
     drv.find_element(By.ID, "max_tokens").clear()
     drv.find_element(By.ID, "max_tokens").send_keys("700")
     drv.find_element(By.ID, "input").send_keys("Tell me a long story.")
