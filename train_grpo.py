@@ -36,7 +36,7 @@ from minillm.generate import SamplingParams
 from minillm.lora import add_lora_flags, apply_lora, lora_disabled
 from minillm.model import eval_mode
 from minillm.rewards import RULES, make_reward_fn
-from minillm.rl import PromptDataset, experience_batches, prompt_collate, sample_rollouts, token_logprobs
+from minillm.rl import PromptDataset, Rollouts, experience_batches, prompt_collate, sample_rollouts, token_logprobs
 from minillm.trainer import Trainer, autocast_context, load_datasets, main_guard, prepare_stage, training_dtype
 
 STAGE_DEFAULTS = dict(
@@ -76,6 +76,9 @@ def add_grpo_args(parser):
                        help="divide advantages by the group's reward std, the whole batch's, or nothing (Dr. GRPO)")
     group.add_argument("--num_iterations", type=int, default=1,
                        help="optimizer updates per rollout (TRL's name; MiniMind does 1)")
+    group.add_argument("--dynamic_sampling", type=int, default=0,
+                       help="DAPO's dynamic sampling: up to this many extra rounds of as many random prompts while "
+                            "the step has groups whose rewards all agree; keeps the informative ones (0 = off)")
     group.add_argument("--rewards", default="auto",
                        help=f"comma list of rewards, each name or name:weight, from {', '.join(RULES)}; "
                             f"auto = '{RULE_DEFAULT}', or '{MODEL_DEFAULT}' with --reward_model_path")
@@ -187,6 +190,7 @@ def make_grpo_loss(loss_type: str, epsilon: float, epsilon_high: float, beta: fl
         rows, tokens = totals["n_rows"], totals["n_targets"]
         metrics = {name.replace("part/", "rewards/") + "/mean": batch[name].sum() / rows
                    for name in batch if name.startswith("part/")}
+        metrics.update({name[len("stat/"):]: batch[name].sum() / rows for name in batch if name.startswith("stat/")})
         metrics.update({"reward": batch["reward"].sum() / rows, "reward_std": batch["reward_std"].sum() / rows,
                         "frac_reward_zero_std": (batch["reward_std"] == 0).float().sum() / rows,
                         "advantages_std": batch["advantages_std"].sum() / rows,
@@ -210,22 +214,76 @@ def rollout_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def pick_groups(informative: list[bool], wanted: int) -> list[int]:
+    """DAPO's dynamic sampling: of the candidate groups (in sampling order), the first `wanted` informative
+    ones (rewards not all equal); if there are fewer, the earliest uninformative ones fill the rest, so every
+    step trains on the same number of rows. -> the kept candidates' positions, in sampling order."""
+    good = [i for i, ok in enumerate(informative) if ok][:wanted]
+    fill = [i for i, ok in enumerate(informative) if not ok][:wanted - len(good)]
+    return sorted(good + fill)
+
+
+def merge_rollouts(parts: list, pad_id: int):
+    """One Rollouts of the rows of several (each right-padded to its own width), in order."""
+    width = max(r.ids.shape[1] for r in parts)
+    ids = torch.cat([torch.nn.functional.pad(r.ids, (0, width - r.ids.shape[1]), value=pad_id) for r in parts])
+    mask = torch.cat([torch.nn.functional.pad(r.loss_mask, (0, width - r.ids.shape[1])) for r in parts])
+    return Rollouts(ids, mask, torch.cat([r.prompt_index for r in parts]),
+                    [c for r in parts for c in r.completions], torch.cat([r.finished for r in parts]),
+                    [n for r in parts for n in r.lengths])
+
+
+def select_rows(rollouts, rows: list[int]):
+    """The Rollouts of `rows` only, trimmed to their longest row."""
+    index = torch.tensor(rows, device=rollouts.ids.device)
+    width = max(rollouts.lengths[r] for r in rows)
+    return Rollouts(rollouts.ids.index_select(0, index)[:, :width], rollouts.loss_mask.index_select(0, index)[:, :width],
+                    rollouts.prompt_index.index_select(0, index), [rollouts.completions[r] for r in rows],
+                    rollouts.finished.index_select(0, index), [rollouts.lengths[r] for r in rows])
+
+
 def make_rollout(dataset, tokenizer, reward_fn, params: SamplingParams, num_generations: int, rows_per_batch: int,
-                 num_iterations: int, scale_rewards: str, reference, autocast, seed_fn, show=None):
+                 num_iterations: int, scale_rewards: str, reference, autocast, seed_fn, show=None,
+                 dynamic_sampling: int = 0):
     """-> rollout(model, micro_batches): the trainer's hook. Samples the step's completions, scores them,
     computes advantages and the reference's (and, for several updates, the sampling policy's) log-probs,
     and yields the same micro-batches of experience `num_iterations` times, one list per update.
     `reference(ids, loss_mask)` -> reference log-probs, or None (beta 0); `seed_fn()` -> this step's seed;
-    `show(rollouts, rewards)`, if given, sees every step's rollouts (--debug_mode)."""
+    `show(rollouts, rewards)`, if given, sees every step's rollouts (--debug_mode).
+    `dynamic_sampling` > 0 (DAPO): groups whose rewards all agree carry no signal, so up to that many more
+    rounds of as many prompts, drawn from the whole dataset with the step's generator, are sampled while
+    the step lacks informative groups; the step keeps its first informative groups (pick_groups), as many
+    as it had prompts. `dynamic/frac_dropped` logs the share of sampled groups left out."""
+
+    def sample_scored(model, index, generator):
+        rollouts = sample_rollouts(model, [dataset.prompts[i] for i in index], num_generations, params,
+                                   tokenizer.pad_id, generator)
+        rewards, parts = reward_fn([dataset.rows[i] for i in index for _ in range(num_generations)], rollouts)
+        return rollouts, rewards, parts
 
     def rollout(model, micro_batches):
-        prompts = [p for batch in micro_batches for p in batch["prompts"]]
         index = [i for batch in micro_batches for i in batch["index"].tolist()]
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed_fn())
-        rollouts = sample_rollouts(model, prompts, num_generations, params, tokenizer.pad_id, generator)
-        rows = [dataset.rows[i] for i in index for _ in range(num_generations)]
-        rewards, parts = reward_fn(rows, rollouts)
+        rollouts, rewards, parts = sample_scored(model, index, generator)
+        stats = {}
+        if dynamic_sampling > 0:
+            stats["dynamic/reward_unfiltered"] = rewards.mean()  # the step's own prompts, before the filter
+            rounds = [(rollouts, rewards, parts)]
+
+            def informative():
+                return [bool((g != g[0]).any()) for _, r, _ in rounds for g in r.view(-1, num_generations)]
+            while sum(informative()) < len(index) and len(rounds) <= dynamic_sampling:
+                extra = torch.randint(len(dataset), (len(index),), generator=generator, device=device).tolist()
+                rounds.append(sample_scored(model, extra, generator))
+            flags = informative()
+            keep = pick_groups(flags, len(index))
+            rows = [g * num_generations + k for g in keep for k in range(num_generations)]
+            rollouts = select_rows(merge_rollouts([r for r, _, _ in rounds], tokenizer.pad_id), rows)
+            rewards = torch.cat([r for _, r, _ in rounds])[rows]
+            parts = {name: torch.cat([p[name] for _, _, p in rounds])[rows] for name in parts}
+            stats["dynamic/frac_dropped"] = torch.tensor(1 - len(keep) / len(flags))
+            stats["dynamic/rounds"] = torch.tensor(float(len(rounds)))
         advantages, group_std = group_advantages(rewards, num_generations, scale_rewards)
         if show is not None:
             show(rollouts, rewards)
@@ -235,7 +293,8 @@ def make_rollout(dataset, tokenizer, reward_fn, params: SamplingParams, num_gene
                       # one number per step (this rank), carried per row so it sums like the rest
                       "advantages_std": advantages.std().expand_as(advantages) if len(advantages) > 1
                       else torch.zeros_like(advantages),
-                      **{f"part/{name}": value for name, value in parts.items()}}
+                      **{f"part/{name}": value for name, value in parts.items()},
+                      **{f"stat/{name}": value.to(advantages).expand_as(advantages) for name, value in stats.items()}}
         if reference is not None:
             experience["ref_logps"] = reference(rollouts.ids, rollouts.loss_mask)
         if num_iterations > 1:  # π_old: the policy that sampled, fixed before the first update
@@ -279,6 +338,8 @@ def main(argv=None):
                         f"use 2 or more")
     if args.max_gen_len < 1 or args.num_iterations < 1:
         raise UserError("--max_gen_len and --num_iterations must be >= 1")
+    if args.dynamic_sampling < 0:
+        raise UserError(f"--dynamic_sampling {args.dynamic_sampling}: the number of extra sampling rounds, 0 (off) or more")
     if not 0 < args.epsilon < 1 or (args.loss_type == "grpo" and epsilon_high <= 0):
         raise UserError(f"--epsilon {args.epsilon} must be in (0, 1) and --epsilon_high {epsilon_high} > 0")
     if args.loss_type == "cispo" and epsilon_high < 1:
@@ -354,7 +415,8 @@ def main(argv=None):
 
     rollout = make_rollout(dataset, stage.tokenizer, reward_fn, params, args.num_generations, rows_per_batch,
                            args.num_iterations, args.scale_rewards, reference if args.beta > 0 else None, autocast,
-                           seed_fn=lambda: rollout_seed(cfg.seed, trainer.step, stage.dist.rank), show=show)
+                           seed_fn=lambda: rollout_seed(cfg.seed, trainer.step, stage.dist.rank), show=show,
+                           dynamic_sampling=args.dynamic_sampling)
     loss_fn = make_grpo_loss(args.loss_type, args.epsilon, epsilon_high, args.beta, args.loss_agg, args.temperature,
                              args.max_gen_len, stage.model_cfg.aux_loss_coef if stage.model_cfg.use_moe else 0.0)
     trainer.fit(loss_fn, rollout=rollout)

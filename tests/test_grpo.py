@@ -279,22 +279,90 @@ def test_toy_reward_rises(setup, target, monkeypatch):
     assert last >= 0.8 and last > first + 0.3, toy.means
 
 
-def test_interrupted_run_resumes_bit_exactly(setup, target, monkeypatch):
-    args = ("--max_steps", "4", "--save_interval", "2", "--learning_rate", "1e-3", "--beta", "0.1")
-    monkeypatch.setattr(train_grpo, "make_reward_fn", lambda *a, **k: ToyReward(target))
-    train_grpo.main(_argv(setup, "--save_weight", "whole", *args))
-    # the same run crashing in step 3's rollout, then resumed from its step-2 checkpoint
-    monkeypatch.setattr(train_grpo, "make_reward_fn", lambda *a, **k: ToyReward(target, fail_at_call=3))
+@pytest.mark.parametrize("dynamic", [0, 2])
+def test_interrupted_run_resumes_bit_exactly(setup, target, monkeypatch, dynamic):
+    args = ("--max_steps", "4", "--save_interval", "2", "--learning_rate", "1e-3", "--beta", "0.1",
+            "--dynamic_sampling", str(dynamic))
+    whole_reward = ToyReward(target)
+    monkeypatch.setattr(train_grpo, "make_reward_fn", lambda *a, **k: whole_reward)
+    train_grpo.main(_argv(setup, "--save_weight", f"whole{dynamic}", *args))
+    # the same run crashing in a rollout after the step-2 checkpoint (step 3's; with dynamic sampling, a
+    # step may score several rounds: its last call, in step 4), then resumed from that checkpoint
+    fail_at = 3 if dynamic == 0 else whole_reward.calls
+    monkeypatch.setattr(train_grpo, "make_reward_fn", lambda *a, **k: ToyReward(target, fail_at_call=fail_at))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_grpo.main(_argv(setup, "--save_weight", "cut", *args))
+        train_grpo.main(_argv(setup, "--save_weight", f"cut{dynamic}", *args))
     monkeypatch.setattr(train_grpo, "make_reward_fn", lambda *a, **k: ToyReward(target))
-    resumed = train_grpo.main(_argv(setup, "--save_weight", "cut", "--from_resume", "1", *args))
+    resumed = train_grpo.main(_argv(setup, "--save_weight", f"cut{dynamic}", "--from_resume", "1", *args))
     assert resumed.step == 4
-    whole, cut = load_file(setup / "out/whole/model.safetensors"), load_file(setup / "out/cut/model.safetensors")
+    whole = load_file(setup / f"out/whole{dynamic}/model.safetensors")
+    cut = load_file(setup / f"out/cut{dynamic}/model.safetensors")
     assert whole.keys() == cut.keys()
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
     start = load_file(setup / "sft/model.safetensors")
     assert any(not torch.equal(whole[k], start[k]) for k in whole)  # it trained
+
+
+# -- dynamic sampling (DAPO) ----------------------------------------------------------------------------
+def test_pick_groups_keeps_the_first_informative_then_fills_in_order():
+    assert train_grpo.pick_groups([False, True, False, True, True], 2) == [1, 3]
+    assert train_grpo.pick_groups([False, True, False, False, True], 3) == [0, 1, 4]  # 2 informative + 1 filler
+    assert train_grpo.pick_groups([False, False, False], 2) == [0, 1]
+    assert train_grpo.pick_groups([True, True], 2) == [0, 1]
+
+
+class _Prompts:
+    """make_rollout's view of a PromptDataset: prompts, rows, len; odd rows are "informative"."""
+
+    def __init__(self, n):
+        self.prompts = [[5 + i % 7, 9, 11 + i % 3] for i in range(n)]
+        self.rows = [{"answer": str(i), "informative": i % 2 == 1} for i in range(n)]
+
+    def __len__(self):
+        return len(self.prompts)
+
+
+def _parity_reward(rows, rollouts):
+    """An informative row's group gets 0, 1, 0, 1, ...; every other group all 0."""
+    reward = torch.tensor([float(row["informative"] and i % 2 == 1) for i, row in enumerate(rows)])
+    return reward, {"parity": reward}
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 6])
+def test_dynamic_sampling_keeps_informative_groups_deterministically(rounds):
+    from minillm.generate import SamplingParams
+    torch.manual_seed(0)
+    model = MiniLLM(ModelConfig.preset("debug", vocab_size=64, kernel_backend="torch")).eval()
+    data, G = _Prompts(40), 4
+    params = SamplingParams(max_new_tokens=3, temperature=1.0, top_p=1.0)
+    seen = []
+    rollout = train_grpo.make_rollout(data, types.SimpleNamespace(pad_id=0), _parity_reward, params, G, 8, 1, "group",
+                                      None, None, seed_fn=lambda: 123, dynamic_sampling=rounds,
+                                      show=lambda r, rw: seen.append(r.completions))
+    step = [{"index": torch.tensor([0, 2, 4, 1])}, {"index": torch.tensor([6, 8, 10, 12])}]  # one informative
+    (first,) = list(rollout(model, step))
+    (again,) = list(rollout(model, step))
+    assert seen[0] == seen[1]  # the same seed samples the same step
+    for a, b in zip(first, again):
+        assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    assert sum(b["n_rows"] for b in first) == 8 * G  # the step keeps its row count
+    reward = torch.cat([b["reward"] for b in first])
+    advantages = torch.cat([b["advantages"] for b in first])
+    informative = (reward.view(-1, G).std(1) > 0)
+    if rounds == 0:  # off: the step's own groups, as sampled; only prompt 1's group is informative
+        assert informative.tolist() == [False, False, False, True, False, False, False, False]
+        assert not any(k.startswith("stat/") for k in first[0])
+    else:
+        # each extra round draws 8 random prompts, about half informative: 6 rounds fill the step
+        # (this seed), 1 round cannot; the kept informative groups come first in sampling order
+        kept = int(informative.sum())
+        assert kept == 8 if rounds == 6 else 1 < kept < 8
+        assert (advantages.view(-1, G)[informative].abs() > 0).all()
+        assert (advantages.view(-1, G)[~informative] == 0).all()
+        n_rounds = first[0]["stat/dynamic/rounds"][0].item()
+        dropped = first[0]["stat/dynamic/frac_dropped"][0].item()
+        assert 2 <= n_rounds <= rounds + 1 and dropped == pytest.approx(1 - 8 / (8 * n_rounds))
+        assert first[0]["stat/dynamic/reward_unfiltered"][0].item() == pytest.approx(2 / (8 * G))  # prompt 1's group
 
 
 def test_lora_run_saves_only_the_adapter(setup):
