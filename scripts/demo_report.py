@@ -9,7 +9,10 @@ generation (or, for the preference set, log-probs) on questions that appear in n
 - facts: heldout_sft, questions about entities pretraining describes but no Q&A ever asks about;
 - medical / identity: heldout_medical / heldout_identity, phrasings the LoRA files never use;
 - preference: heldout_dpo, share of pairs where log π(chosen) > log π(rejected), and the mean margin;
-- reasoning: heldout_reason, think/answer format compliance and answer accuracy (arithmetic never trained).
+- reasoning: heldout_reason, think/answer format compliance and answer accuracy (arithmetic never trained);
+- rl prompts: the first 64 rlaif.jsonl prompts (training prompts of the RL stages, not held out), the share
+  of greedy replies that contain the answer: what GRPO / PPO optimise.
+The reward model (out/reward) gets a line of its own: held-out pairwise accuracy on heldout_dpo.
 """
 import argparse
 import sys
@@ -27,8 +30,10 @@ from minillm.reasoning import evaluate_reasoning  # noqa: E402
 # (row label, checkpoint folder, LoRA adapter folder or None)
 STAGES = [("pretrain", "pretrain", None), ("full SFT", "full_sft", None),
           ("SFT + lora_medical", "full_sft", "lora_medical"), ("SFT + lora_identity", "full_sft", "lora_identity"),
-          ("DPO", "dpo", None), ("reasoning distill", "reason", None)]
-COLUMNS = ["facts", "medical", "identity", "preference", "reasoning"]
+          ("DPO", "dpo", None), ("reasoning distill", "reason", None), ("GRPO", "grpo", None),
+          ("PPO", "ppo_actor", None), ("distilled student (2 layers)", "full_dist", None)]
+COLUMNS = ["facts", "medical", "identity", "preference", "reasoning", "rl prompts"]
+RL_PROMPTS = 64
 
 
 def evaluate(model, tok, sets: dict) -> dict[str, str]:
@@ -40,7 +45,35 @@ def evaluate(model, tok, sets: dict) -> dict[str, str]:
     cells["preference"] = f"{100 * (margins > 0).float().mean():.1f}% (margin {margins.mean():.1f})"
     report = evaluate_reasoning(model, tok, sets["heldout_reason"])
     cells["reasoning"] = f"format {100 * report.compliance:.0f}%, answer {100 * report.accuracy:.0f}%"
+    cells["rl prompts"] = f"{100 * heldout_accuracy(model, tok, sets['rlaif']).accuracy:.1f}%"
     return cells
+
+
+def rl_prompt_rows(path, limit: int) -> list[dict]:
+    """The first `limit` rlaif rows as {question, answer} (one user turn each)."""
+    from minillm.data.jsonl import read_jsonl
+    rows = []
+    for _, obj in read_jsonl(path, {"conversations": list, "answer": str}):
+        rows.append({"question": obj["conversations"][0]["content"], "answer": obj["answer"]})
+        if len(rows) == limit:
+            break
+    return rows
+
+
+def reward_model_line(save_dir: Path, pairs_path: Path) -> str | None:
+    """Held-out pairwise accuracy of the demo reward model, when out/reward exists."""
+    from minillm.reward import load_reward_model, read_heldout_pairs, reward_margins
+    if not (save_dir / "reward" / "model.safetensors").is_file():
+        return None
+    model = load_reward_model(save_dir / "reward")
+    margins = reward_margins(model, model_tokenizer(save_dir / "reward"), read_heldout_pairs(pairs_path), "cpu")
+    return (f"reward model ({save_dir / 'reward'}): held-out pairwise accuracy {100 * (margins > 0).float().mean():.1f}% "
+            f"on {len(margins)} pairs, mean margin {margins.mean():.2f}")
+
+
+def model_tokenizer(folder):
+    from minillm.tokenizer import Tokenizer
+    return Tokenizer.load(folder)
 
 
 def main(argv=None):
@@ -53,6 +86,7 @@ def main(argv=None):
 
     sets = {name: read_heldout(Path(args.demo_dir) / f"{name}.jsonl")
             for name in ("heldout_sft", "heldout_medical", "heldout_identity", "heldout_dpo", "heldout_reason")}
+    sets["rlaif"] = rl_prompt_rows(Path(args.demo_dir) / "rlaif.jsonl", RL_PROMPTS)
     if args.limit:
         sets = {name: rows[:args.limit] for name, rows in sets.items()}
     table = []
@@ -76,6 +110,9 @@ def main(argv=None):
     else:
         width = max(len(label) for label, _ in table)
         lines += [f"{label:<{width}}  " + "  ".join(f"{c}: {cells[c]}" for c in COLUMNS) for label, cells in table]
+    reward_line = reward_model_line(Path(args.save_dir), Path(args.demo_dir) / "heldout_dpo.jsonl")
+    if reward_line:
+        lines += ["", reward_line]
     print("\n".join(lines))
     return table
 
