@@ -896,6 +896,217 @@ def build_rlaif(world, r1_rows, rng):
     return [{"conversations": [user(q), assistant("")], "answer": answer} for q, answer, _ in rows]
 
 
+# ---------------------------------------------------------------------------------------------
+# Tool use (sft_tools.jsonl, heldout_tools.jsonl, facts.json): MiniMind-3's tool rows (the tools on the
+# system message, "tool_calls" on the assistant turn, {"role": "tool"} results) for the demo's
+# calculator and lookup (minillm/tools.py). Their own RNG stream and NEW entities (names no other file
+# uses), so the other files keep their bytes. facts.json holds every world entity and every new one,
+# held-out ones included: lookup is how the model answers about entities it was never taught.
+# Lookup rows ask about trained world entities and the trained new ones only; heldout_tools asks about
+# the held-out new entities and arithmetic that no file holds. Tool results are what minillm.tools
+# returns at inference, byte for byte. The schemas are short (COMPACT_TOOLS) to keep rows under 512
+# tokens; scripts/tool_report.py offers the model the same ones.
+# ---------------------------------------------------------------------------------------------
+COMPACT_TOOLS = {
+    "calculator": {"type": "function", "function": {
+        "name": "calculator", "description": "Evaluate arithmetic.",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                       "required": ["expression"]}}},
+    "lookup": {"type": "function", "function": {
+        "name": "lookup", "description": "Facts about a named entity.",
+        "parameters": {"type": "object", "properties": {"entity": {"type": "string"}, "relation": {"type": "string"}},
+                       "required": ["entity"]}}},
+}
+N_TOOL_ENTITIES = {"country": 6, "person": 8, "animal": 6}
+N_TOOL_HELDOUT = {"country": 2, "person": 3, "animal": 2}
+N_CALC_ROWS, N_LOOKUP_ROWS, N_MISSING_ROWS, N_NO_TOOL_ROWS, N_PLAIN_ROWS, N_HELDOUT_CALC = 260, 220, 30, 40, 120, 80
+CALC_EN = ["What is {e}?", "Calculate {e}.", "Please compute {e}.", "Use the calculator: {e} = ?"]
+CALC_ZH = ["{z}等于多少？", "计算{z}。", "请算一下{z}。", "用计算器算一下{z}。"]
+ZH_OPS = {"+": "加", "-": "减", "*": "乘"}
+WORD_PROBLEMS = [  # (en, zh, expression); a, b, c fill in
+    ("A box holds {a} apples. How many apples are in {b} boxes?", "一个盒子装{a}个苹果，{b}个盒子一共装多少个苹果？", "{a} * {b}"),
+    ("A shop had {a} cups and sold {b}. How many cups are left?", "商店有{a}个杯子，卖掉了{b}个，还剩多少个？", "{a} - {b}"),
+    ("Tom has {a} coins and Mia has {b}. How many coins do they have together?", "小明有{a}枚硬币，小红有{b}枚，一共有多少枚？", "{a} + {b}"),
+]
+MISSING_REPLY = {"en": "I could not find any facts about {s}.", "zh": "我没有查到关于{s}的资料。"}
+
+
+def world_names(world):
+    """Every name and object of the world, lowercased, as make_names' `used` (so new names clash with none)."""
+    used = {"en": [], "zh": []}
+    for e in world["countries"] + world["people"] + world["animals"] + world["diseases"]:
+        for key, value in e.items():
+            if key in ("en", "zh"):
+                used[key].append(value.lower())
+            elif isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value):
+                used["en"].append(value[0].lower())
+                used["zh"].append(value[1])
+    return used
+
+
+def make_tool_world(world, rng):
+    """New countries, people and animals in the world's shapes (say() renders them); some held out."""
+    used = world_names(world)
+    countries = []
+    for (en, zh), (cap_en, cap_zh), (riv_en, riv_zh), (lang_en, lang_zh) in zip(
+            *(make_names(rng, N_TOOL_ENTITIES["country"], used) for _ in range(4))):
+        countries.append({"en": en.capitalize() + "ia", "zh": zh + "亚", "capital": (cap_en.capitalize(), cap_zh),
+                          "language": (lang_en.capitalize() + "ese", lang_zh + "语"),
+                          "river": (riv_en.capitalize() + " River", riv_zh + "河")})
+    people = [{"en": en.capitalize(), "zh": zh, "job": rng.choice(JOBS),
+               "hometown": rng.choice(countries + world["countries"])["capital"]}
+              for en, zh in make_names(rng, N_TOOL_ENTITIES["person"], used)]
+    animals = [{"en": en, "zh": zh, "color": rng.choice(COLORS), "food": rng.choice(FOODS), "kind": rng.choice(KINDS)}
+               for en, zh in make_names(rng, N_TOOL_ENTITIES["animal"], used)]
+    missing = make_names(rng, 6, used)  # names no file's facts know: lookup answers {"error": ...}
+    trained, heldout = [], []
+    for kind, entities in (("country", countries), ("person", people), ("animal", animals)):
+        held = entities[:N_TOOL_HELDOUT[kind]]
+        for e in entities:
+            (heldout if any(e is h for h in held) else trained).extend((rel, e) for rel in WORLD_RELATIONS[kind])
+    return {"countries": countries, "people": people, "animals": animals, "trained_facts": trained,
+            "heldout_facts": heldout, "missing": [(en.capitalize() + "ia", zh + "亚") for en, zh in missing]}
+
+
+def build_facts(world, tool_world):
+    """facts.json: {entity: {relation: value}} in English and in Chinese, for every world and new entity."""
+    facts = {}
+    for kind, key in (("country", "countries"), ("person", "people"), ("animal", "animals")):
+        for e in world[key] + tool_world[key]:
+            for i, lang in enumerate(("en", "zh")):
+                facts[e[lang]] = {rel: e[rel][i] for rel in WORLD_RELATIONS[kind]}
+    return facts
+
+
+def tool_system(names, lang, rng):
+    return {"role": "system", "content": rng.choice(SYSTEM_PROMPTS[lang]), "tools": [COMPACT_TOOLS[n] for n in names]}
+
+
+def offered(needed, rng):
+    """The tools a row offers: both (mostly) or only the one it needs, in a random order."""
+    names = list(COMPACT_TOOLS) if rng.random() < 0.7 else [needed]
+    rng.shuffle(names)
+    return names
+
+
+def call_turn(name, arguments):
+    return {"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": arguments}]}
+
+
+def tool_turn(result):
+    return {"role": "tool", "content": result}
+
+
+def calc_problem(rng):
+    """(expression, Chinese wording, kind): one- or two-step arithmetic on numbers up to 999."""
+    kind = rng.choice(["add", "sub", "mul", "two", "two", "word"])
+    if kind == "word":
+        en, zh, expr = rng.choice(WORD_PROBLEMS)
+        a, b = (rng.randint(12, 99), rng.randint(3, 40)) if "*" in expr else (rng.randint(60, 999), rng.randint(11, 59))
+        return en.format(a=a, b=b), zh.format(a=a, b=b), expr.format(a=a, b=b), kind
+    if kind == "two":
+        a, b, c = rng.randint(11, 99), rng.randint(3, 60), rng.randint(11, 999)
+        op1, op2 = rng.choice([("*", "+"), ("*", "-"), ("+", "-"), ("+", "+")])
+        expr = f"{a} {op1} {b} {op2} {c}"
+        return expr, expr.replace("*", "×"), expr, kind
+    op = {"add": "+", "sub": "-", "mul": "*"}[kind]
+    a, b = (rng.randint(12, 99), rng.randint(12, 99)) if op == "*" else (rng.randint(100, 999), rng.randint(11, 999))
+    if op == "-" and b > a:
+        a, b = b, a
+    return f"{a} {op} {b}", f"{a}{ZH_OPS[op]}{b}", f"{a} {op} {b}", kind
+
+
+def calc_question(problem, lang, rng):
+    text, zh, expr, kind = problem
+    if kind == "word":
+        return text if lang == "en" else zh
+    return rng.choice(CALC_EN).format(e=expr) if lang == "en" else rng.choice(CALC_ZH).format(z=zh)
+
+
+def calc_reply(problem, lang, result):
+    text, zh, expr, kind = problem
+    if kind == "word":
+        return f"The answer is {result}." if lang == "en" else f"答案是{result}。"
+    return f"{expr} = {result}." if lang == "en" else f"{zh}等于{result}。"
+
+
+def lookup_entity(fact, lang):
+    """The name a lookup call passes: the entity's own name (an animal's bare name)."""
+    return fact[1][lang]
+
+
+def build_tools(world, rng):
+    """{"facts": {...}, "sft_tools": rows, "heldout_tools": rows}."""
+    from minillm.tokenizer import to_json
+    from minillm.tools import calculate, lookup_tool
+
+    tool_world = make_tool_world(world, rng)
+    facts = build_facts(world, tool_world)
+    lookup = lookup_tool(facts).fn
+    # held-out arithmetic first: distinct expressions, none of them a training row's
+    heldout_calc, seen = [], set()
+    while len(heldout_calc) < N_HELDOUT_CALC:
+        p = calc_problem(rng)
+        if p[2] not in seen:
+            seen.add(p[2])
+            heldout_calc.append(p)
+    rows = []
+    for _ in range(N_CALC_ROWS):
+        p = calc_problem(rng)
+        while p[2] in seen:
+            p = calc_problem(rng)
+        lang = rng.choice(["en", "zh"])
+        result = to_json(calculate(p[2]))
+        rows.append({"conversations": [tool_system(offered("calculator", rng), lang, rng), user(calc_question(p, lang, rng)),
+                                       call_turn("calculator", {"expression": p[2]}), tool_turn(result),
+                                       assistant(calc_reply(p, lang, calculate(p[2])["result"]))]})
+    trained = world["trained_facts"] + tool_world["trained_facts"] * 2  # the new entities twice as often
+    for _ in range(N_LOOKUP_ROWS):
+        fact, lang = rng.choice(trained), rng.choice(["en", "zh"])
+        entity = lookup_entity(fact, lang)
+        result = to_json(lookup(entity=entity, relation=fact[0]))
+        rows.append({"conversations": [tool_system(offered("lookup", rng), lang, rng), user(say(fact, lang, "ask", rng)),
+                                       call_turn("lookup", {"entity": entity, "relation": fact[0]}), tool_turn(result),
+                                       assistant(say(fact, lang, "answer"))]})
+    for _ in range(N_MISSING_ROWS):  # a name the facts do not hold: the tool's error, and "I don't know"
+        lang = rng.choice(["en", "zh"])
+        name = rng.choice(tool_world["missing"])[0 if lang == "en" else 1]
+        rel = rng.choice(WORLD_RELATIONS["country"])
+        fake = {"en": name, "zh": name, rel: ("?", "?")}
+        result = to_json(lookup(entity=name, relation=rel))
+        rows.append({"conversations": [tool_system(offered("lookup", rng), lang, rng), user(say((rel, fake), lang, "ask", rng)),
+                                       call_turn("lookup", {"entity": name, "relation": rel}), tool_turn(result),
+                                       assistant(MISSING_REPLY[lang].format(s=name))]})
+    for _ in range(N_NO_TOOL_ROWS):  # tools offered, none needed: small talk answered directly
+        lang = rng.choice(["en", "zh"])
+        q, a = rng.choice(SMALL_TALK[lang] + [(rng.choice(IDENTITY_QUESTIONS[lang]), IDENTITY_ANSWER[lang])])
+        rows.append({"conversations": [tool_system(offered("lookup", rng), lang, rng), user(q), assistant(a)]})
+    plain = build_sft(world, random.Random(rng.random()), n_rows=N_PLAIN_ROWS)  # chat without tools, as sft.jsonl
+    rows = mix_in(rows, plain, rng)
+    rng.shuffle(rows)
+    heldout = []
+    for i, p in enumerate(heldout_calc):
+        lang = ("en", "zh")[i % 2]
+        heldout.append({"question": calc_question(p, lang, rng), "answer": str(calculate(p[2])["result"]),
+                        "lang": lang, "tools": ["calculator"], "kind": "arithmetic"})
+    for fact in tool_world["heldout_facts"]:
+        for lang in ("en", "zh"):
+            for question in TEMPLATES[fact[0]][lang]["ask"]:
+                heldout.append({"question": question.format(**fact_fields(fact, lang)),
+                                "answer": fact_fields(fact, lang)["o"], "lang": lang, "tools": ["lookup"],
+                                "kind": "lookup"})
+    return {"facts": facts, "sft_tools": rows, "heldout_tools": heldout}
+
+
+def tool_files(seed=SEED):
+    """The tool files' texts, {name relative to the demo folder: text}; their own RNG stream."""
+    built = build_tools(make_world(seed), random.Random(seed + 12))
+    texts = {f"{name}.jsonl": "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in built[name])
+             for name in ("sft_tools", "heldout_tools")}
+    texts["facts.json"] = json.dumps(built["facts"], ensure_ascii=False, indent=1) + "\n"
+    return texts
+
+
 def bench_files(seed=SEED):
     """The bench files' texts, {path relative to the demo folder: text}; their own RNG stream."""
     return build_bench(make_world(seed), random.Random(seed + 8))
@@ -910,6 +1121,7 @@ def main(out_dir="dataset/demo", seed=SEED, overwrite=False):
     texts = {f"{name}.jsonl": "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
              for name, rows in build_all(seed).items()}
     texts.update(bench_files(seed))
+    texts.update(tool_files(seed))
     paths = {rel: out_dir / rel for rel in texts}
     differ = [paths[n] for n in texts if paths[n].is_file() and paths[n].read_text(encoding="utf-8") != texts[n]]
     if differ and not overwrite:
