@@ -271,7 +271,9 @@ def sft_checkpoint(tmp_path_factory):
 def _argv(root, *extra):
     return ["--init_from", str(root / "sft"), "--data_path", str(root / "prompts.jsonl"), "--save_dir",
             str(root / "out"), "--batch_size", "8", "--device", "cpu", "--use_tensorboard", "0", "--use_compile", "0",
-            "--max_gen_len", "8", "--report_path", "", "--report_prompts", "0", "--log_interval", "1", *extra]
+            "--max_gen_len", "8", "--report_path", "", "--report_prompts", "0", "--log_interval", "1",
+            # the demo's warm-ups off and its old temperature: the tests' toy runs are a few steps long
+            "--value_warmup_steps", "0", "--warmup_steps", "0", "--temperature", "0.8", *extra]
 
 
 def low_ids(rows, ro):
