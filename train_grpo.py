@@ -79,6 +79,8 @@ def add_grpo_args(parser):
     group.add_argument("--dynamic_sampling", type=int, default=0,
                        help="DAPO's dynamic sampling: up to this many extra rounds of as many random prompts while "
                             "the step has groups whose rewards all agree; keeps the informative ones (0 = off)")
+    group.add_argument("--max_prompts", type=int, default=0,
+                       help="train on the file's first this many prompts only, epoch after epoch (0 = all)")
     group.add_argument("--rewards", default="auto",
                        help=f"comma list of rewards, each name or name:weight, from {', '.join(RULES)}; "
                             f"auto = '{RULE_DEFAULT}', or '{MODEL_DEFAULT}' with --reward_model_path")
@@ -366,10 +368,17 @@ def main(argv=None):
     dataset, _ = load_datasets(stage, lambda path: PromptDataset(
         path, stage.tokenizer, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines),
         thinking_ratio=args.thinking_ratio, seed=cfg.seed))
+    if args.max_prompts < 0:
+        raise UserError(f"--max_prompts {args.max_prompts}: the number of prompts to train on, 0 (all) or more")
+    if 0 < args.max_prompts < len(dataset):  # the first N, the same on every rank
+        dataset.total_prompts = len(dataset)
+        for name in ("rows", "prompts", "lines", "lengths"):
+            setattr(dataset, name, getattr(dataset, name)[:args.max_prompts])
     sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, stage.dist.rank, stage.dist.world_size,
                                   cfg.accumulation_steps, seed=cfg.seed)
     if stage.dist.is_main:
-        print(f"model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}; data: {dataset.describe()}; "
+        subset = f" (the first of {dataset.total_prompts})" if hasattr(dataset, "total_prompts") else ""
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}; data: {dataset.describe()}{subset}; "
               f"rewards: {spec}; {args.loss_type} loss, {args.loss_agg} aggregation, epsilon {args.epsilon}/"
               f"{epsilon_high}, beta {args.beta}, {args.num_generations} generations per prompt")
 

@@ -365,6 +365,22 @@ def test_dynamic_sampling_keeps_informative_groups_deterministically(rounds):
         assert first[0]["stat/dynamic/reward_unfiltered"][0].item() == pytest.approx(2 / (8 * G))  # prompt 1's group
 
 
+def test_max_prompts_trains_on_the_first_prompts_only(setup, target, monkeypatch):
+    seen = []
+
+    class Recording(ToyReward):
+        def __call__(self, rows, rollouts):
+            seen.extend(row["conversations"][0]["content"] for row in rows)
+            return super().__call__(rows, rollouts)
+    monkeypatch.setattr(train_grpo, "make_reward_fn", lambda *a, **k: Recording(target))
+    trainer = train_grpo.main(_argv(setup, "--save_weight", "subset", "--max_prompts", "8", "--epochs", "3"))
+    assert len(trainer.dataset) == 8 and trainer.step == 6  # 8 prompts, batch 4, 3 epochs
+    first = {f"What is 0 + {b}?" for b in range(4)} | {f"What is 1 + {b}?" for b in range(4)}
+    assert set(seen) == first and len(seen) == 8 * 3 * 4  # each of the 8, once an epoch, 4 generations
+    with pytest.raises(UserError, match="--max_prompts"):
+        train_grpo.main(_argv(setup, "--save_weight", "subset", "--max_prompts", "-1"))
+
+
 def test_lora_run_saves_only_the_adapter(setup):
     trainer = train_grpo.main(_argv(setup, "--save_weight", "lora", "--max_steps", "1", "--use_lora", "1",
                                     "--rewards", "length"))
