@@ -8,7 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "dataset" / "demo"
-TRAINING_FILES = ["pretrain", "sft", "lora_medical", "lora_identity", "dpo", "r1", "rlaif"]  # rlaif: RL prompts
+TRAINING_FILES = ["pretrain", "sft", "lora_medical", "lora_identity", "dpo", "r1", "rlaif",  # rlaif: RL prompts
+                  "sft_tools"]  # tool use; its held-out set and facts.json: tests/test_tool_demo.py
 HELDOUT_FILES = ["heldout_sft", "heldout_medical", "heldout_identity", "heldout_dpo", "heldout_reason"]
 THINK_FORMAT = re.compile(r"<think>\n.+\n</think>\n<answer>\n.+\n</answer>", re.S)
 
@@ -226,7 +227,7 @@ def test_heldout_arithmetic_never_trained():
 
 def test_generator_is_deterministic_and_matches_committed_files(tmp_path):
     written = load_generator().main(tmp_path)
-    assert sorted(written) == sorted(TRAINING_FILES + HELDOUT_FILES)
+    assert sorted(written) == sorted(TRAINING_FILES + HELDOUT_FILES + ["heldout_tools"])
     for name, path in written.items():
         assert path.read_bytes() == (DEMO / f"{name}.jsonl").read_bytes(), \
             f"{name}.jsonl differs: rerun `python scripts/make_demo_data.py` and commit the result"
