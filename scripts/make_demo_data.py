@@ -17,6 +17,8 @@ for `eval_model.py --bench dataset/demo/bench`; its questions use phrasings no o
 also holds exam rows about trained entities in the bench's cloze layout (see build_exam_rows).
 rlaif.jsonl: prompts for the RL stages with a checkable "answer": trained facts, and two-step
 arithmetic that neither r1.jsonl nor heldout_reason holds.
+sft_tools.jsonl / heldout_tools.jsonl / facts.json: tool use (calculator, lookup) from an RNG stream of
+their own (see build_tools); the held-out lookup questions ask about new entities no other file names.
 """
 import argparse
 import json
