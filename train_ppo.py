@@ -51,9 +51,10 @@ STAGE_DEFAULTS = dict(
     init_from="out/full_sft", data_path="dataset/demo/rlaif.jsonl", save_weight="ppo_actor",
     # demo-tuned on a 2-core CPU: one completion per prompt is a noisy signal, so 32 prompts a step; the lr
     # warms up over 6 steps (Adam's first updates are full-size whatever the gradient's noise) and the 480
-    # demo prompts are seen 4 times (a prompt's reward moves only once it has been sampled a few times)
-    epochs=4, batch_size=32, max_seq_len=128, learning_rate=5e-5, weight_decay=0.0, warmup_steps=6,
-    accumulation_steps=1, max_steps=60, log_interval=5, save_interval=20, num_workers=0,
+    # demo prompts are seen 6 times (a prompt's reward moves only once it has been sampled a few times;
+    # 4 passes at lr 5e-5 did not move the greedy reward)
+    epochs=6, batch_size=32, max_seq_len=128, learning_rate=3e-5, weight_decay=0.0, warmup_steps=6,
+    accumulation_steps=1, max_steps=90, log_interval=5, save_interval=30, num_workers=0,
 )
 DEMO_REPORT = "dataset/demo/heldout_sft.jsonl"
 # answer correctness alone (+ the cut-reply penalty): the demo model hardly ever writes the think format on
