@@ -1,6 +1,7 @@
 """Stage: group relative policy optimisation (GRPO, and MiniMind's CISPO) on rlaif.jsonl prompts.
 
-    python train_grpo.py                                        # demo: from out/full_sft on the demo prompts
+    python train_grpo.py                                        # demo: from out/full_sft, 6 epochs over 64 demo prompts
+    python train_grpo.py --dynamic_sampling 0 --max_prompts 0   # MiniMind's: every group kept, every prompt
     python train_grpo.py --loss_type grpo --epsilon 0.2         # PPO-style clipped ratio instead of CISPO
     python train_grpo.py --rewards answer,format:0.5,length:0.5 # weighted rule rewards (minillm/rewards.py)
     python train_grpo.py --reward_model_path out/reward         # a train_reward.py model's score (+ format, penalties)
@@ -21,6 +22,11 @@ The per-token objective, with ratio ρ = π/π_old on the sampled token:
 plus β·KL(π ‖ π_ref) per token with the k3 estimator exp(ref - logp) - (ref - logp) - 1. With
 --num_iterations 1 (MiniMind) π_old is the policy itself, detached: ρ = 1 but the gradient flows,
 as in TRL. Log-probs are of the logits divided by --temperature, the distribution sampled from (as TRL).
+
+--dynamic_sampling (DAPO, on by default): a group whose completions all score the same gets A = 0 and
+teaches nothing, and the demo model answers about half its prompts always or never right; so while a step
+lacks informative groups, more random prompts are sampled (at most that many extra rounds) and the step
+trains on its first informative groups, as many as it had prompts (rows per step stay fixed).
 """
 import copy
 
@@ -40,12 +46,15 @@ from minillm.rl import PromptDataset, Rollouts, experience_batches, prompt_colla
 from minillm.trainer import Trainer, autocast_context, load_datasets, main_guard, prepare_stage, training_dtype
 
 STAGE_DEFAULTS = dict(
-    init_from="out/full_sft", data_path="dataset/demo/rlaif.jsonl", save_weight="grpo", epochs=1,
-    # MiniMind: batch 2, lr 3e-7 for a 64M model over 1024-token replies; the demo model needs more to
-    # move in a few minutes on a CPU. max_seq_len is the longest prompt (MiniMind's meaning here).
-    batch_size=4, max_seq_len=128, learning_rate=1e-4, weight_decay=0.0, accumulation_steps=1,
+    init_from="out/full_sft", data_path="dataset/demo/rlaif.jsonl", save_weight="grpo",
+    # MiniMind: 1 epoch, batch 2, lr 3e-7 for a 64M model over 1024-token replies. The demo model knows its
+    # facts only sometimes: reward rises on prompts it meets several times, so 6 epochs over the first 64
+    # demo prompts (--max_prompts auto) at lr 1e-4 (2e-4 cost held-out facts). max_seq_len is the longest
+    # prompt (MiniMind's meaning here).
+    epochs=6, batch_size=4, max_seq_len=128, learning_rate=1e-4, weight_decay=0.0, accumulation_steps=1,
     log_interval=5, save_interval=50, num_workers=0,
 )
+DEMO_PROMPTS = 64
 LOSS_TYPES = ("grpo", "cispo")
 LOSS_AGGS = ("seq", "token", "dr_grpo")
 DEMO_REPORT = "dataset/demo/heldout_sft.jsonl"
@@ -57,7 +66,8 @@ def add_grpo_args(parser):
     # demo-tuned (MiniMind: 6 generations at temperature 0.8): only a group with both right and wrong completions
     # teaches anything, and the demo model answers most prompts always or never right; 8 samples at 1.0 find more
     group.add_argument("--num_generations", type=int, default=8, help="completions sampled per prompt (a group)")
-    group.add_argument("--max_gen_len", type=int, default=48, help="longest completion in tokens")
+    group.add_argument("--max_gen_len", type=int, default=24,
+                       help="longest completion in tokens (the demo's answers take ~6; MiniMind: 1536)")
     group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     group.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling of the rollouts (1 = off)")
     group.add_argument("--beta", type=float, default=0.1, help="weight of the per-token KL to the reference (0 = none)")
@@ -76,11 +86,12 @@ def add_grpo_args(parser):
                        help="divide advantages by the group's reward std, the whole batch's, or nothing (Dr. GRPO)")
     group.add_argument("--num_iterations", type=int, default=1,
                        help="optimizer updates per rollout (TRL's name; MiniMind does 1)")
-    group.add_argument("--dynamic_sampling", type=int, default=0,
+    group.add_argument("--dynamic_sampling", type=int, default=2,
                        help="DAPO's dynamic sampling: up to this many extra rounds of as many random prompts while "
-                            "the step has groups whose rewards all agree; keeps the informative ones (0 = off)")
-    group.add_argument("--max_prompts", type=int, default=0,
-                       help="train on the file's first this many prompts only, epoch after epoch (0 = all)")
+                            "the step has groups whose rewards all agree; keeps the informative ones (0 = off, as MiniMind)")
+    group.add_argument("--max_prompts", type=int, default=-1,
+                       help=f"train on the file's first this many prompts only, epoch after epoch (0 = all; "
+                            f"-1 = auto: {DEMO_PROMPTS} on the demo prompts, else all)")
     group.add_argument("--rewards", default="auto",
                        help=f"comma list of rewards, each name or name:weight, from {', '.join(RULES)}; "
                             f"auto = '{RULE_DEFAULT}', or '{MODEL_DEFAULT}' with --reward_model_path")
@@ -368,12 +379,14 @@ def main(argv=None):
     dataset, _ = load_datasets(stage, lambda path: PromptDataset(
         path, stage.tokenizer, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines),
         thinking_ratio=args.thinking_ratio, seed=cfg.seed))
-    if args.max_prompts < 0:
-        raise UserError(f"--max_prompts {args.max_prompts}: the number of prompts to train on, 0 (all) or more")
-    if 0 < args.max_prompts < len(dataset):  # the first N, the same on every rank
+    if args.max_prompts < -1:
+        raise UserError(f"--max_prompts {args.max_prompts}: the number of prompts to train on, 0 (all) or more, "
+                        f"or -1 (auto)")
+    max_prompts = args.max_prompts if args.max_prompts >= 0 else (DEMO_PROMPTS if stage.on_demo_data else 0)
+    if 0 < max_prompts < len(dataset):  # the first N, the same on every rank
         dataset.total_prompts = len(dataset)
         for name in ("rows", "prompts", "lines", "lengths"):
-            setattr(dataset, name, getattr(dataset, name)[:args.max_prompts])
+            setattr(dataset, name, getattr(dataset, name)[:max_prompts])
     sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, stage.dist.rank, stage.dist.world_size,
                                   cfg.accumulation_steps, seed=cfg.seed)
     if stage.dist.is_main:
