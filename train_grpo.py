@@ -184,7 +184,8 @@ def completion_logprobs(model, ids, loss_mask, temperature: float, rows_per_batc
 def make_grpo_loss(loss_type: str, epsilon: float, epsilon_high: float, beta: float, loss_agg: str,
                    temperature: float, max_gen_len: int, aux_loss_coef: float = 0.0):
     """The stage's loss_fn(model, batch, totals). Metrics carry TRL's names where it has one; per-rollout
-    ones (reward, lengths) are row means over the step, token ones (kl, clipping) token means."""
+    ones (reward, lengths) are row means over the step, token ones (kl, clipping) token means.
+    `grpo_loss.kls` keeps each micro-batch's (KL sum, token count) for the end-of-run report."""
 
     def grpo_loss(model, batch, totals):
         ids, loss_mask = batch["ids"], batch["loss_mask"]
@@ -212,10 +213,12 @@ def make_grpo_loss(loss_type: str, epsilon: float, epsilon_high: float, beta: fl
                         "clip_ratio" if loss_type == "grpo" else "cispo_clip_ratio": (clipped * mask).sum() / tokens})
         if beta > 0:
             metrics["kl"] = (kl.detach() * mask).sum() / tokens
+            grpo_loss.kls.append(((kl.detach() * mask).sum(), mask.sum()))
         if aux_loss_coef > 0:
             loss = loss + aux_loss_coef * aux / totals["micro_batches"]
             metrics["aux_loss"] = aux.detach() / totals["micro_batches"]
         return loss, {k: v.detach() for k, v in metrics.items()}
+    grpo_loss.kls = []
     return grpo_loss
 
 
@@ -266,7 +269,8 @@ def make_rollout(dataset, tokenizer, reward_fn, params: SamplingParams, num_gene
     `dynamic_sampling` > 0 (DAPO): groups whose rewards all agree carry no signal, so up to that many more
     rounds of as many prompts, drawn from the whole dataset with the step's generator, are sampled while
     the step lacks informative groups; the step keeps its first informative groups (pick_groups), as many
-    as it had prompts. `dynamic/frac_dropped` logs the share of sampled groups left out."""
+    as it had prompts. `dynamic/frac_dropped` logs the share of sampled groups left out.
+    `rollout.rewards` keeps each step's mean reward on its own prompts (this rank, before any filter)."""
 
     def sample_scored(model, index, generator):
         rollouts = sample_rollouts(model, [dataset.prompts[i] for i in index], num_generations, params,
@@ -279,6 +283,7 @@ def make_rollout(dataset, tokenizer, reward_fn, params: SamplingParams, num_gene
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed_fn())
         rollouts, rewards, parts = sample_scored(model, index, generator)
+        rollout.rewards.append(rewards.mean().item())
         stats = {}
         if dynamic_sampling > 0:
             stats["dynamic/reward_unfiltered"] = rewards.mean()  # the step's own prompts, before the filter
@@ -317,6 +322,7 @@ def make_rollout(dataset, tokenizer, reward_fn, params: SamplingParams, num_gene
         batches = experience_batches(experience, rollouts.lengths, rows_per_batch)
         for _ in range(num_iterations):
             yield batches
+    rollout.rewards = []
     return rollout
 
 
@@ -454,6 +460,15 @@ def main(argv=None):
             trainer.log(f"reward on the first {min(n_report, len(dataset))} training prompts, {name}: {before_[0]:.3f} -> "
                         f"{after_[0]:.3f} (" + ", ".join(f"{k} {before_[1][k]:.3f} -> {after_[1][k]:.3f}" for k in after_[1])
                         + ")")
+    if rollout.rewards and stage.dist.is_main:  # the trend of what the rollouts scored, and their KL
+        k = max(1, len(rollout.rewards) // 10)
+        line = (f"rollout reward (the steps' own prompts, before any filter): {np.mean(rollout.rewards[:k]):.3f} over "
+                f"the first {k} steps -> {np.mean(rollout.rewards[-k:]):.3f} over the last {k}")
+        if loss_fn.kls:
+            kls = [(s / n.clamp(min=1)).item() for s, n in loss_fn.kls]
+            m = max(1, len(kls) // 10)
+            line += f"; KL to the reference per token {np.mean(kls[-m:]):.3f} over the last {m} updates (max {max(kls):.3f})"
+        trainer.log(line)
     if before is not None:
         after = heldout_accuracy(model, stage.tokenizer, report_rows)
         trainer.heldout_report = (before, after)
