@@ -106,5 +106,5 @@ def test_stage_help_is_grouped_and_shows_the_stage_defaults(capsys):
     # the stage's own defaults, not the base config's (TrainConfig says 1e-3 and 16)
     def entry(flag):
         return text.split(f"\n  {flag} ")[1].split("\n  --")[0]
-    assert "(default: 2e-05)" in entry("--learning_rate") and "(default: 0.1)" in entry("--beta")
+    assert "(default: 2e-05)" in entry("--learning_rate") and "Default: 0.1, or 2.0 for simpo" in entry("--beta")
     assert "(default: from the --init_from checkpoint)" in entry("--hidden_size")
