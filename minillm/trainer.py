@@ -367,6 +367,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: list[float] = []  # loss per logged step, for tests and reports
         self.eval_history: list[tuple[int, float]] = []  # (step, held-out loss)
+        self.eval_metrics: list[tuple[int, dict]] = []  # (step, held-out metrics: bits_per_byte, the stage's)
         self.writer = None
 
     # -- sharding and activation checkpointing ---------------------------------------------------
@@ -725,6 +726,7 @@ class Trainer:
         if self.dist.is_main or self.sharded:
             loss, metrics = self.evaluate(loss_fn, eval_set)
             self.eval_history.append((self.step, loss))
+            self.eval_metrics.append((self.step, metrics))
             self.log(f"eval step {self.step}: loss {loss:.4f}" + "".join(f" {k} {v:.4f}" for k, v in metrics.items()))
             self.scalar("eval/loss", loss, self.step)
             for k, v in metrics.items():
