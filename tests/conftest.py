@@ -31,3 +31,26 @@ def corpus(tmp_path_factory):
     lines = (root / "dataset/demo/pretrain.jsonl").read_text(encoding="utf-8").splitlines()[:300]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+class Crash(Exception):
+    """Raised by `crash_after_save`: a run killed right after a save."""
+
+
+def crash_after_save(monkeypatch, step: int, run):
+    """Run `run()` with Trainer.save patched to raise Crash right after the save of `step` (the process
+    dies there, its checkpoint intact), then put save back: the resume tests' way of killing a run."""
+    from minillm.trainer import Trainer
+    original_save = Trainer.save
+
+    def save_then_crash(self):
+        original_save(self)
+        if self.step == step:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "save", save_then_crash)
+    try:
+        with pytest.raises(Crash):
+            run()
+    finally:
+        monkeypatch.setattr(Trainer, "save", original_save)

@@ -2,6 +2,7 @@
 would, the non-finite guard, and exact resume."""
 import pytest
 import torch
+from conftest import crash_after_save
 
 import train_pretrain
 from minillm.checkpoint import load_checkpoint
@@ -9,7 +10,7 @@ from minillm.config import ModelConfig, TrainConfig
 from minillm.errors import UserError
 from minillm.lora import apply_lora
 from minillm.model import MiniLLM
-from minillm.trainer import MuonAdamW, Trainer, build_optimizer, is_muon_param
+from minillm.trainer import MuonAdamW, build_optimizer, is_muon_param
 
 TINY = ["--preset", "debug", "--vocab_size", "6400", "--max_seq_len", "32", "--batch_size", "4",
         "--log_interval", "1", "--num_workers", "0", "--use_tensorboard", "0", "--learning_rate", "3e-3",
@@ -92,20 +93,7 @@ def test_muon_run_learns_and_resumes_exactly(corpus, tmp_path, monkeypatch):
     whole = run_pretrain(corpus, tmp_path / "a", "--max_steps", str(2 * n), "--save_interval", str(n))
     assert whole.history[-1] < whole.history[0] - 0.2, whole.history
 
-    class Crash(Exception):
-        pass
-
-    original_save = Trainer.save
-
-    def save_then_crash(self):
-        original_save(self)
-        if self.step == n:
-            raise Crash
-
-    monkeypatch.setattr(Trainer, "save", save_then_crash)
-    with pytest.raises(Crash):
-        run_pretrain(corpus, tmp_path / "b", "--max_steps", str(2 * n), "--save_interval", str(n))
-    monkeypatch.setattr(Trainer, "save", original_save)
+    crash_after_save(monkeypatch, n, lambda: run_pretrain(corpus, tmp_path / "b", "--max_steps", str(2 * n), "--save_interval", str(n)))
     resumed = run_pretrain(corpus, tmp_path / "b", "--max_steps", str(2 * n), "--save_interval", str(n),
                            "--from_resume", "1")
     assert resumed.history == whole.history[n:]

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import crash_after_save
 
 import train_pretrain
 from minillm.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from minillm.config import ModelConfig
 from minillm.model import MiniLLM
-from minillm.trainer import Trainer, cpu_has_bf16, lr_at, training_dtype
+from minillm.trainer import cpu_has_bf16, lr_at, training_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "debug", "--vocab_size", "6400", "--max_seq_len", "32", "--batch_size", "4",
@@ -35,20 +36,7 @@ def test_resume_equals_uninterrupted_run(corpus, tmp_path, monkeypatch):
     n = 4
     whole = run_pretrain(corpus, tmp_path / "a", "--max_steps", str(2 * n), "--save_interval", str(n))
 
-    class Crash(Exception):
-        pass
-
-    original_save = Trainer.save
-
-    def save_then_crash(self):
-        original_save(self)
-        if self.step == n:
-            raise Crash
-
-    monkeypatch.setattr(Trainer, "save", save_then_crash)
-    with pytest.raises(Crash):
-        run_pretrain(corpus, tmp_path / "b", "--max_steps", str(2 * n), "--save_interval", str(n))
-    monkeypatch.setattr(Trainer, "save", original_save)
+    crash_after_save(monkeypatch, n, lambda: run_pretrain(corpus, tmp_path / "b", "--max_steps", str(2 * n), "--save_interval", str(n)))
     resumed = run_pretrain(corpus, tmp_path / "b", "--max_steps", str(2 * n), "--save_interval", str(n),
                            "--from_resume", "1")
     assert resumed.history == whole.history[n:]  # exact on CPU
@@ -200,19 +188,6 @@ def test_dropout_runs_resume_exactly(corpus, tmp_path, monkeypatch):
     extra = ("--max_steps", str(2 * n), "--save_interval", str(n), "--set", "dropout=0.2")
     whole = run_pretrain(corpus, tmp_path / "a", *extra)
 
-    class Crash(Exception):
-        pass
-
-    original_save = Trainer.save
-
-    def save_then_crash(self):
-        original_save(self)
-        if self.step == n:
-            raise Crash
-
-    monkeypatch.setattr(Trainer, "save", save_then_crash)
-    with pytest.raises(Crash):
-        run_pretrain(corpus, tmp_path / "b", *extra)
-    monkeypatch.setattr(Trainer, "save", original_save)
+    crash_after_save(monkeypatch, n, lambda: run_pretrain(corpus, tmp_path / "b", *extra))
     resumed = run_pretrain(corpus, tmp_path / "b", *extra, "--from_resume", "1")
     assert resumed.history == whole.history[n:]
