@@ -35,23 +35,31 @@ def pair_inputs(batch) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:, :-1], ids[:, 1:].masked_fill(~loss_mask[:, 1:], IGNORE_INDEX)
 
 
+def heldout_pair_batches(tokenizer, rows, device, batch_size: int = 32):
+    """Held-out {question, chosen, rejected} rows as padded pair batches on `device`: each reply after its
+    question as one user turn, rendered by the chat template (`{side}_ids`, `{side}_loss_mask`, and each
+    row's real length `{side}_length`), in row order."""
+    collate = dpo_collate(tokenizer.pad_id)
+    for start in range(0, len(rows), batch_size):
+        items = []
+        for row in rows[start: start + batch_size]:
+            item = {}
+            for side in ("chosen", "rejected"):
+                ids, mask = tokenizer.render_chat([{"role": "user", "content": row["question"]},
+                                                   {"role": "assistant", "content": row[side]}])
+                item[f"{side}_ids"], item[f"{side}_loss_mask"] = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+                item[f"{side}_length"] = torch.tensor(len(ids))
+            items.append(item)
+        yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(items).items()}
+
+
 @torch.no_grad()
 def preference_margins(model, tokenizer, rows, device, batch_size: int = 32) -> torch.Tensor:
     """log π(chosen) − log π(rejected) [N] for each held-out row's question (one user turn);
     the demo's preference measure (dataset/demo/heldout_dpo.jsonl rows: question, chosen, rejected)."""
-    collate = dpo_collate(tokenizer.pad_id)
     margins = []
     with eval_mode(model):
-        for start in range(0, len(rows), batch_size):
-            items = []
-            for row in rows[start: start + batch_size]:
-                item = {}
-                for side in ("chosen", "rejected"):
-                    ids, mask = tokenizer.render_chat([{"role": "user", "content": row["question"]},
-                                                       {"role": "assistant", "content": row[side]}])
-                    item[f"{side}_ids"], item[f"{side}_loss_mask"] = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
-                items.append(item)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(items).items()}
+        for batch in heldout_pair_batches(tokenizer, rows, device, batch_size):
             inputs, labels = pair_inputs(batch)
             chosen, rejected = sequence_logprobs(model(inputs), labels)[0].float().cpu().chunk(2)
             margins.append(chosen - rejected)

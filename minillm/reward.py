@@ -18,9 +18,10 @@ from torch.utils.data import Dataset
 
 from minillm.checkpoint import CONFIG, load_config, load_weights, resolve_checkpoint, save_checkpoint
 from minillm.config import ModelConfig
-from minillm.data import dpo_collate, read_jsonl
+from minillm.data import read_jsonl
 from minillm.errors import NotFound, UserError
 from minillm.model import Decoder, MiniLLM, Trunk, eval_mode
+from minillm.preference import heldout_pair_batches
 
 MODEL_KIND = "reward"  # config.yaml's stage.model_kind of a reward checkpoint
 
@@ -161,20 +162,9 @@ def read_heldout_pairs(path) -> list[dict]:
 def reward_margins(model: RewardModel, tokenizer, rows, device, batch_size: int = 32) -> torch.Tensor:
     """r(chosen) - r(rejected) [N] for held-out rows {question, chosen, rejected}, each reply scored
     after its question as one user turn; > 0 where the model prefers the chosen reply."""
-    collate = dpo_collate(tokenizer.pad_id)
     margins = []
     with eval_mode(model):
-        for start in range(0, len(rows), batch_size):
-            items = []
-            for row in rows[start: start + batch_size]:
-                item = {}
-                for side in ("chosen", "rejected"):
-                    ids, mask = tokenizer.render_chat([{"role": "user", "content": row["question"]},
-                                                       {"role": "assistant", "content": row[side]}])
-                    item[f"{side}_ids"], item[f"{side}_loss_mask"] = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
-                    item[f"{side}_length"] = torch.tensor(len(ids))
-                items.append(item)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(items).items()}
+        for batch in heldout_pair_batches(tokenizer, rows, device, batch_size):
             chosen, rejected = pair_rewards(model, batch)
             margins.append((chosen - rejected).float().cpu())
     return torch.cat(margins)

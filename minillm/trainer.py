@@ -368,6 +368,7 @@ class Trainer:
         self.history: list[float] = []  # loss per logged step, for tests and reports
         self.eval_history: list[tuple[int, float]] = []  # (step, held-out loss)
         self.eval_metrics: list[tuple[int, dict]] = []  # (step, held-out metrics: bits_per_byte, the stage's)
+        self.byte_lengths = None  # UTF-8 bytes per token id, for bits per byte: made at the first evaluation
         self.writer = None
 
     # -- sharding and activation checkpointing ---------------------------------------------------
@@ -703,7 +704,9 @@ class Trainer:
         loss, metrics = torch.zeros((), device=self.device), {}
         from minillm.evaluation import bits_per_byte, nats_and_bytes, token_byte_lengths
         from minillm.model import MiniLLM
-        byte_lengths = token_byte_lengths(self.stage.tokenizer) if isinstance(self.model, MiniLLM) else None
+        if isinstance(self.model, MiniLLM) and self.byte_lengths is None:
+            self.byte_lengths = token_byte_lengths(self.stage.tokenizer)  # once: a pass over the vocabulary
+        byte_lengths = self.byte_lengths if isinstance(self.model, MiniLLM) else None
         nats, n_bytes = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long, device=self.device)
         with eval_mode(self.model):
             for batch in batches:
@@ -938,8 +941,9 @@ class Trainer:
                 n_updates += 1
                 totals = self.totals(update)
                 grad_norm = self._update(loss_fn, update, totals, step_loss, step_metrics, found_inf)
-                tokens_since_log += sum(batch["n_tokens"] for batch in update) * world
-                tokens_total += sum(batch["n_tokens"] for batch in update) * world
+                update_tokens = sum(batch["n_tokens"] for batch in update) * world  # host ints from the collate
+                tokens_since_log += update_tokens
+                tokens_total += update_tokens
             if n_updates == 0:
                 raise RuntimeError("the rollout function gave no update for this step")
             if n_updates > 1:  # a step's loss and metrics are means over its updates
