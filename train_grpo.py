@@ -42,7 +42,8 @@ from minillm.generate import SamplingParams
 from minillm.lora import add_lora_flags, apply_lora, lora_disabled
 from minillm.model import eval_mode
 from minillm.rewards import RULES, make_reward_fn
-from minillm.rl import PromptDataset, Rollouts, experience_batches, prompt_collate, sample_rollouts, token_logprobs
+from minillm.rl import (PromptDataset, Rollouts, experience_batches, prompt_collate, prompt_reward, sample_rollouts,
+                        token_logprobs)
 from minillm.trainer import Trainer, autocast_context, load_datasets, main_guard, prepare_stage, training_dtype
 
 STAGE_DEFAULTS = dict(
@@ -324,25 +325,6 @@ def make_rollout(dataset, tokenizer, reward_fn, params: SamplingParams, num_gene
             yield batches
     rollout.rewards = []
     return rollout
-
-
-@torch.no_grad()
-def prompt_reward(model, dataset, tokenizer, reward_fn, n: int, params: SamplingParams, samples: int,
-                  seed: int = 0) -> tuple[float, dict]:
-    """Mean reward (and per-rule means) of `samples` completions to each of the first `n` training prompts,
-    sampled with `params` from a fixed seed (temperature 0: greedy, one sample is enough)."""
-    n = min(n, len(dataset))
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    total, parts_sum = 0.0, {}
-    for start in range(0, n, 32):
-        rows = list(range(start, min(n, start + 32)))
-        rollouts = sample_rollouts(model, [dataset.prompts[i] for i in rows], samples, params, tokenizer.pad_id,
-                                   generator)
-        rewards, parts = reward_fn([dataset.rows[i] for i in rows for _ in range(samples)], rollouts)
-        total += rewards.sum().item()
-        for name, value in parts.items():
-            parts_sum[name] = parts_sum.get(name, 0.0) + value.sum().item()
-    return total / (n * samples), {name: v / (n * samples) for name, v in parts_sum.items()}
 
 
 def main(argv=None):

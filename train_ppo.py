@@ -42,7 +42,7 @@ from minillm.generate import SamplingParams
 from minillm.lora import add_lora_flags, apply_lora, lora_disabled
 from minillm.model import eval_mode
 from minillm.rewards import RULES, make_reward_fn
-from minillm.rl import (PromptDataset, experience_batches, prompt_collate, sample_rollouts,
+from minillm.rl import (PromptDataset, experience_batches, prompt_collate, prompt_reward, sample_rollouts,
                         token_logprobs, whiten)
 from minillm.trainer import Trainer, autocast_context, load_datasets, main_guard, prepare_stage, training_dtype
 from minillm.value import PolicyAndValue, ValueModel
@@ -320,13 +320,7 @@ def prompt_scores(policy, tokenizer, dataset, reward_fn, n_prompts: int, max_gen
     n = min(n_prompts, len(dataset))
     params = SamplingParams(max_new_tokens=max_gen_len, temperature=temperature, top_k=0, top_p=1.0,
                             stop_ids=tokenizer.stop_ids)
-    generator = torch.Generator(next(policy.parameters()).device).manual_seed(seed)
-    total = 0.0
-    for start in range(0, n, 32):
-        idx = list(range(start, min(n, start + 32)))
-        ro = sample_rollouts(policy, [dataset.prompts[i] for i in idx], samples, params, tokenizer.pad_id, generator)
-        total += float(reward_fn([dataset.rows[i] for i in idx for _ in range(samples)], ro)[0].sum())
-    return total / (n * samples)
+    return prompt_reward(policy, dataset, tokenizer, reward_fn, n, params, samples, seed)[0]
 
 
 def main(argv=None, reward_fn=None):
