@@ -23,6 +23,15 @@ from minillm.trainer import (COMPILE_MODES, H100_BF16_FLOPS, autocast_context, c
                              flops_per_token, training_dtype)
 
 
+def take_out_elementwise_ops():
+    """--floor: replace the per-element layers by (almost) nothing, keeping every matmul and attention."""
+    from kernels import dispatch
+    dispatch.rms_norm = lambda x, weight, eps=1e-6, backend="auto": x
+    dispatch.apply_rope = lambda q, k, cos, sin, backend="auto": (q, k)
+    dispatch.swiglu = lambda gate, up, backend="auto": gate + up
+    dispatch.linear_cross_entropy = lambda h, w, targets, ignore_index=-100, backend="auto": (h @ w.t()).mean()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="demo")
@@ -36,6 +45,10 @@ def main():
     p.add_argument("--backend", default="auto", help="kernel backend: auto | triton | torch")
     p.add_argument("--compile", type=int, default=-1, help="torch.compile (-1 = on for CUDA)")
     p.add_argument("--compile_mode", default="default", help=f"torch.compile mode: {' | '.join(COMPILE_MODES)}")
+    p.add_argument("--floor", type=int, default=0,
+                   help="1 = time the step with RMSNorm, RoPE and the softmax of the loss taken out (identity; the MLP "
+                        "adds gate and up): only the matmuls, attention and the optimizer remain, the floor that no "
+                        "elementwise fusion can go below (a wrong model: for this bound only)")
     add_set_flag(p, flags=("kernel_backend",))  # typed and checked as the stage scripts' --set; --backend sets kernels
     args = p.parse_args()
     args.set = getattr(args, "set", [])
@@ -43,6 +56,8 @@ def main():
     if "kernel_backend" in overrides:
         p.error("--set kernel_backend=...: use --backend")
 
+    if args.floor:
+        take_out_elementwise_ops()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     cfg = ModelConfig.preset(args.preset, kernel_backend=args.backend, **overrides)
@@ -109,7 +124,8 @@ def main():
     print(f"preset {args.preset}{extra} ({model.num_params() / 1e6:.1f}M), batch {args.batch_size} x seq {args.seq_len} "
           f"x accum {args.accumulation_steps}, device {torch.cuda.get_device_name(device) if cuda else 'cpu'}, "
           f"dtype {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'float32'}, backend {args.backend}, "
-          f"compile {args.compile_mode if step_model is not model else 'off'}")
+          f"compile {args.compile_mode if step_model is not model else 'off'}"
+          + (", FLOOR: norms, RoPE, activation and softmax taken out" if args.floor else ""))
     print(f"tokens/s {tok_s:,.0f}")
     print(f"FLOPs/token {fpt / 1e6:.1f}M (6N + 12*L*H*Q*T)")
     if cuda:
