@@ -906,8 +906,10 @@ def build_rlaif(world, r1_rows, rng):
 # held-out ones included: lookup is how the model answers about entities it was never taught.
 # Lookup rows ask about trained world entities and the trained new ones only; heldout_tools asks about
 # the held-out new entities and arithmetic that no file holds. Tool results are what minillm.tools
-# returns at inference, byte for byte. The schemas are short (COMPACT_TOOLS) to keep rows under 512
-# tokens; scripts/tool_report.py offers the model the same ones.
+# returns at inference, byte for byte. What a 3M model must learn here is copying: a call writes the
+# question's expression or name verbatim, and the reply repeats the tool's result. The tool header alone
+# (the template's text and both schemas) is ~500 tokens, so a conversation asks 1-4 questions under one
+# header. The schemas are short (COMPACT_TOOLS); scripts/tool_report.py offers the model the same ones.
 # ---------------------------------------------------------------------------------------------
 COMPACT_TOOLS = {
     "calculator": {"type": "function", "function": {
@@ -921,15 +923,15 @@ COMPACT_TOOLS = {
 }
 N_TOOL_ENTITIES = {"country": 6, "person": 8, "animal": 6}
 N_TOOL_HELDOUT = {"country": 2, "person": 3, "animal": 2}
-N_CALC_ROWS, N_LOOKUP_ROWS, N_MISSING_ROWS, N_NO_TOOL_ROWS, N_PLAIN_ROWS, N_HELDOUT_CALC = 260, 220, 30, 40, 120, 80
+# tool conversations (1-4 questions each, so the ~500-token tool header is read once for several calls),
+# rows of chat without tools, held-out arithmetic questions
+N_TOOL_ROWS, N_PLAIN_ROWS, N_HELDOUT_CALC = 900, 120, 80
+EXCHANGES = [1, 1, 2, 3, 4]   # questions in a tool conversation, drawn uniformly from this list
+EXCHANGE_KINDS = [("calculator", 0.5), ("lookup", 0.4), ("missing", 0.05), ("none", 0.05)]
+# the expression is written in the question exactly as the call passes it, so the call copies it verbatim
 CALC_EN = ["What is {e}?", "Calculate {e}.", "Please compute {e}.", "Use the calculator: {e} = ?"]
-CALC_ZH = ["{z}等于多少？", "计算{z}。", "请算一下{z}。", "用计算器算一下{z}。"]
-ZH_OPS = {"+": "加", "-": "减", "*": "乘"}
-WORD_PROBLEMS = [  # (en, zh, expression); a, b, c fill in
-    ("A box holds {a} apples. How many apples are in {b} boxes?", "一个盒子装{a}个苹果，{b}个盒子一共装多少个苹果？", "{a} * {b}"),
-    ("A shop had {a} cups and sold {b}. How many cups are left?", "商店有{a}个杯子，卖掉了{b}个，还剩多少个？", "{a} - {b}"),
-    ("Tom has {a} coins and Mia has {b}. How many coins do they have together?", "小明有{a}枚硬币，小红有{b}枚，一共有多少枚？", "{a} + {b}"),
-]
+CALC_ZH = ["{e}等于多少？", "计算{e}。", "请算一下{e}。", "用计算器算一下{e}。"]
+CALC_REPLY = {"en": "The answer is {r}.", "zh": "答案是{r}。"}
 MISSING_REPLY = {"en": "I could not find any facts about {s}.", "zh": "我没有查到关于{s}的资料。"}
 
 
@@ -984,13 +986,6 @@ def tool_system(names, lang, rng):
     return {"role": "system", "content": rng.choice(SYSTEM_PROMPTS[lang]), "tools": [COMPACT_TOOLS[n] for n in names]}
 
 
-def offered(needed, rng):
-    """The tools a row offers: both (mostly) or only the one it needs, in a random order."""
-    names = list(COMPACT_TOOLS) if rng.random() < 0.7 else [needed]
-    rng.shuffle(names)
-    return names
-
-
 def call_turn(name, arguments):
     return {"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": arguments}]}
 
@@ -1000,36 +995,26 @@ def tool_turn(result):
 
 
 def calc_problem(rng):
-    """(expression, Chinese wording, kind): one- or two-step arithmetic on numbers up to 999."""
-    kind = rng.choice(["add", "sub", "mul", "two", "two", "word"])
-    if kind == "word":
-        en, zh, expr = rng.choice(WORD_PROBLEMS)
-        a, b = (rng.randint(12, 99), rng.randint(3, 40)) if "*" in expr else (rng.randint(60, 999), rng.randint(11, 59))
-        return en.format(a=a, b=b), zh.format(a=a, b=b), expr.format(a=a, b=b), kind
+    """An expression of one or two steps on numbers up to 999, as the question and the call write it."""
+    kind = rng.choice(["add", "sub", "mul", "two", "two"])
     if kind == "two":
         a, b, c = rng.randint(11, 99), rng.randint(3, 60), rng.randint(11, 999)
         op1, op2 = rng.choice([("*", "+"), ("*", "-"), ("+", "-"), ("+", "+")])
-        expr = f"{a} {op1} {b} {op2} {c}"
-        return expr, expr.replace("*", "×"), expr, kind
+        return f"{a} {op1} {b} {op2} {c}"
     op = {"add": "+", "sub": "-", "mul": "*"}[kind]
     a, b = (rng.randint(12, 99), rng.randint(12, 99)) if op == "*" else (rng.randint(100, 999), rng.randint(11, 999))
     if op == "-" and b > a:
         a, b = b, a
-    return f"{a} {op} {b}", f"{a}{ZH_OPS[op]}{b}", f"{a} {op} {b}", kind
+    return f"{a} {op} {b}"
 
 
-def calc_question(problem, lang, rng):
-    text, zh, expr, kind = problem
-    if kind == "word":
-        return text if lang == "en" else zh
-    return rng.choice(CALC_EN).format(e=expr) if lang == "en" else rng.choice(CALC_ZH).format(z=zh)
+def calc_question(expression, lang, rng):
+    return rng.choice(CALC_EN if lang == "en" else CALC_ZH).format(e=expression)
 
 
-def calc_reply(problem, lang, result):
-    text, zh, expr, kind = problem
-    if kind == "word":
-        return f"The answer is {result}." if lang == "en" else f"答案是{result}。"
-    return f"{expr} = {result}." if lang == "en" else f"{zh}等于{result}。"
+def calc_reply(lang, result):
+    """The reply after the calculator's result: the result as the tool wrote it."""
+    return CALC_REPLY[lang].format(r=result)
 
 
 def lookup_entity(fact, lang):
@@ -1038,7 +1023,11 @@ def lookup_entity(fact, lang):
 
 
 def build_tools(world, rng):
-    """{"facts": {...}, "sft_tools": rows, "heldout_tools": rows}."""
+    """{"facts": {...}, "sft_tools": rows, "heldout_tools": rows}.
+
+    A tool row is one conversation: the tools on the system turn, then 1-4 questions, each answered
+    through a call (calculator, lookup, lookup of a name the facts do not hold) or directly (small talk).
+    The call copies the question's expression or name verbatim; the reply repeats the tool's result."""
     from minillm.tokenizer import to_json
     from minillm.tools import calculate, lookup_tool
 
@@ -1048,48 +1037,58 @@ def build_tools(world, rng):
     # held-out arithmetic first: distinct expressions, none of them a training row's
     heldout_calc, seen = [], set()
     while len(heldout_calc) < N_HELDOUT_CALC:
-        p = calc_problem(rng)
-        if p[2] not in seen:
-            seen.add(p[2])
-            heldout_calc.append(p)
-    rows = []
-    for _ in range(N_CALC_ROWS):
-        p = calc_problem(rng)
-        while p[2] in seen:
-            p = calc_problem(rng)
-        lang = rng.choice(["en", "zh"])
-        result = to_json(calculate(p[2]))
-        rows.append({"conversations": [tool_system(offered("calculator", rng), lang, rng), user(calc_question(p, lang, rng)),
-                                       call_turn("calculator", {"expression": p[2]}), tool_turn(result),
-                                       assistant(calc_reply(p, lang, calculate(p[2])["result"]))]})
+        e = calc_problem(rng)
+        if e not in seen:
+            seen.add(e)
+            heldout_calc.append(e)
     trained = world["trained_facts"] + tool_world["trained_facts"] * 2  # the new entities twice as often
-    for _ in range(N_LOOKUP_ROWS):
-        fact, lang = rng.choice(trained), rng.choice(["en", "zh"])
-        entity = lookup_entity(fact, lang)
-        result = to_json(lookup(entity=entity, relation=fact[0]))
-        rows.append({"conversations": [tool_system(offered("lookup", rng), lang, rng), user(say(fact, lang, "ask", rng)),
-                                       call_turn("lookup", {"entity": entity, "relation": fact[0]}), tool_turn(result),
-                                       assistant(say(fact, lang, "answer"))]})
-    for _ in range(N_MISSING_ROWS):  # a name the facts do not hold: the tool's error, and "I don't know"
-        lang = rng.choice(["en", "zh"])
-        name = rng.choice(tool_world["missing"])[0 if lang == "en" else 1]
-        rel = rng.choice(WORLD_RELATIONS["country"])
-        fake = {"en": name, "zh": name, rel: ("?", "?")}
-        result = to_json(lookup(entity=name, relation=rel))
-        rows.append({"conversations": [tool_system(offered("lookup", rng), lang, rng), user(say((rel, fake), lang, "ask", rng)),
-                                       call_turn("lookup", {"entity": name, "relation": rel}), tool_turn(result),
-                                       assistant(MISSING_REPLY[lang].format(s=name))]})
-    for _ in range(N_NO_TOOL_ROWS):  # tools offered, none needed: small talk answered directly
-        lang = rng.choice(["en", "zh"])
+
+    def exchange(kind, lang):
+        if kind == "calculator":
+            e = calc_problem(rng)
+            while e in seen:
+                e = calc_problem(rng)
+            result = calculate(e)
+            return [user(calc_question(e, lang, rng)), call_turn("calculator", {"expression": e}),
+                    tool_turn(to_json(result)), assistant(calc_reply(lang, result["result"]))]
+        if kind == "lookup":
+            fact = rng.choice(trained)
+            entity = lookup_entity(fact, lang)
+            return [user(say(fact, lang, "ask", rng)), call_turn("lookup", {"entity": entity, "relation": fact[0]}),
+                    tool_turn(to_json(lookup(entity=entity, relation=fact[0]))), assistant(say(fact, lang, "answer"))]
+        if kind == "missing":  # a name the facts do not hold: the tool's error, and "I could not find"
+            name = rng.choice(tool_world["missing"])[0 if lang == "en" else 1]
+            rel = rng.choice(WORLD_RELATIONS["country"])
+            fake = {"en": name, "zh": name, rel: ("?", "?")}
+            return [user(say((rel, fake), lang, "ask", rng)), call_turn("lookup", {"entity": name, "relation": rel}),
+                    tool_turn(to_json(lookup(entity=name, relation=rel))), assistant(MISSING_REPLY[lang].format(s=name))]
         q, a = rng.choice(SMALL_TALK[lang] + [(rng.choice(IDENTITY_QUESTIONS[lang]), IDENTITY_ANSWER[lang])])
-        rows.append({"conversations": [tool_system(offered("lookup", rng), lang, rng), user(q), assistant(a)]})
+        return [user(q), assistant(a)]  # tools offered, none needed: answered directly
+
+    kinds, weights = zip(*EXCHANGE_KINDS)
+    rows = []
+    for _ in range(N_TOOL_ROWS):
+        lang, n = rng.choice(["en", "zh"]), rng.choice(EXCHANGES)
+        asked = rng.choices(kinds, weights, k=n)
+        if rng.random() < 0.7:  # both tools offered (the model picks), in a random order
+            names = list(COMPACT_TOOLS)
+            rng.shuffle(names)
+        else:  # only the one tool the row's questions need
+            needed = rng.choice(list(COMPACT_TOOLS))
+            names = [needed]
+            asked = [k if k == "none" or (k == "calculator") == (needed == "calculator") else
+                     ("calculator" if needed == "calculator" else "lookup") for k in asked]
+        conversation = [tool_system(names, lang, rng)]
+        for kind in asked:
+            conversation += exchange(kind, lang)
+        rows.append({"conversations": conversation})
     plain = build_sft(world, random.Random(rng.random()), n_rows=N_PLAIN_ROWS)  # chat without tools, as sft.jsonl
     rows = mix_in(rows, plain, rng)
     rng.shuffle(rows)
     heldout = []
-    for i, p in enumerate(heldout_calc):
+    for i, e in enumerate(heldout_calc):
         lang = ("en", "zh")[i % 2]
-        heldout.append({"question": calc_question(p, lang, rng), "answer": str(calculate(p[2])["result"]),
+        heldout.append({"question": calc_question(e, lang, rng), "answer": str(calculate(e)["result"]),
                         "lang": lang, "tools": ["calculator"], "kind": "arithmetic"})
     for fact in tool_world["heldout_facts"]:
         for lang in ("en", "zh"):

@@ -13,6 +13,7 @@ from minillm.tools import ToolCall, calculate, lookup_tool, parse_tool_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "dataset" / "demo"
+MAX_SEQ_LEN = 1100  # the README's tool SFT command trains with --max_seq_len 1100
 OTHER_FILES = ["pretrain", "sft", "lora_medical", "lora_identity", "dpo", "r1", "rlaif",
                "heldout_sft", "heldout_medical", "heldout_identity", "heldout_dpo", "heldout_reason"]
 
@@ -113,17 +114,10 @@ def test_heldout_arithmetic_appears_in_no_training_row():
 
 
 def _expression(question):
-    """The expression a held-out arithmetic question asks, from its numbers and operator words."""
-    q = question.replace("×", "*")
-    m = re.search(r"\d+ [-+*] \d+( [-+*] \d+)?", q)
-    if m:
-        return m.group(0)
-    a, b = map(int, re.findall(r"\d+", q)[:2])
-    for words, op in ((("加", "plus", "together", "一共有"), "+"), (("减", "left", "还剩"), "-"),
-                      (("乘", "boxes", "盒子"), "*")):
-        if any(w in q for w in words):
-            return f"{a} {op} {b}"
-    raise AssertionError(f"cannot read {question!r}")
+    """The expression a held-out arithmetic question asks: written in it as a call would pass it."""
+    m = re.search(r"\d+ [-+*] \d+( [-+*] \d+)?", question)
+    assert m, f"no expression in {question!r}"
+    return m.group(0)
 
 
 def test_tool_results_are_what_the_tools_return(facts):
@@ -146,16 +140,36 @@ def test_tool_results_are_what_the_tools_return(facts):
     assert n_calls["calculator"] >= 200 and n_calls["lookup"] >= 200
 
 
+def test_calls_copy_the_question_and_replies_repeat_the_result():
+    """What the demo teaches is copying: each call's expression or name is written in the question
+    that asks for it, and the reply after a result repeats the result's value as the tool wrote it."""
+    n_rows_with_several = 0
+    for row in read("sft_tools"):
+        messages = row["conversations"]
+        n_rows_with_several += sum(bool(m.get("tool_calls")) for m in messages) > 1
+        for i, m in enumerate(messages):
+            for call in m.get("tool_calls", []):
+                question = messages[i - 1]
+                assert question["role"] == "user"
+                copied = call["arguments"]["expression" if call["name"] == "calculator" else "entity"]
+                assert copied in question["content"], (question, call)
+                result = json.loads(messages[i + 1]["content"])
+                value = result.get("result", result.get(call["arguments"].get("relation")))
+                if value is not None:
+                    assert str(value) in messages[i + 2]["content"]
+    assert n_rows_with_several >= 300  # one tool header read for several calls
+
+
 def test_every_tool_row_loads_with_the_loss_on_calls_and_replies_only(tmp_path):
     from minillm.data.chat import SFTDataset
 
     tok = Tokenizer.load()
-    ds = SFTDataset(DEMO / "sft_tools.jsonl", tok, max_seq_len=768, num_workers=0)
+    ds = SFTDataset(DEMO / "sft_tools.jsonl", tok, max_seq_len=MAX_SEQ_LEN, num_workers=0)
     rows = read("sft_tools")
     assert len(ds) == len(rows) and ds.n_no_target == 0
     for row, item in zip(rows, (ds[i] for i in range(len(ds)))):
         ids, mask = list(item["ids"]), list(item["loss_mask"])
-        assert len(ids) <= 769  # no row is cut at --max_seq_len 768
+        assert len(ids) <= MAX_SEQ_LEN + 1  # no row is cut at the README's --max_seq_len
         learned = tok.decode([t for t, keep in zip(ids, mask) if keep])
         hidden = tok.decode([t for t, keep in zip(ids, mask) if not keep])
         calls = [c for m in row["conversations"] for c in m.get("tool_calls", [])]
