@@ -134,28 +134,37 @@ def main():
             tok_s = minimind_run(args, data) if r == "minimind" else ours_run(args, data, r)
             results[r].append(tok_s)
             print(f"round {rnd + 1} {r}: {tok_s:,.0f} tokens/s", flush=True)
-    names = {"minimind": "MiniMind train_pretrain.py (fp32)", "float32": "minillm train_pretrain.py fp32",
-             "bfloat16": "minillm train_pretrain.py bf16 autocast"}
-    base = statistics.median(results["minimind"]) if "minimind" in results else None
-    per_position = corpus_yield(args, data)
     print(f"\nhidden {args.hidden_size}, {args.num_hidden_layers} layers, batch {args.batch_size} x {args.seq_len}, "
           f"{args.steps} timed steps after {args.warmup}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}\n")
-    print("| run | " + " | ".join(f"round {i + 1}" for i in range(args.rounds))
-          + " | median positions/s | vs MiniMind | target tokens/s | vs MiniMind | text bytes/s | vs MiniMind |")
-    print("|---|" + "---|" * (args.rounds + 6))
-    mm_share, mm_bytes = per_position["minimind"]
-    for r in runs:
-        med = statistics.median(results[r])
-        share, nbytes = per_position["minimind" if r == "minimind" else "ours"]
-        # the ratio is paired: each round's run over the same round's MiniMind, then the median of those
-        ratio = statistics.median(v / m for v, m in zip(results[r], results["minimind"])) if base else None
-        cells = [f"{med:,.0f}", f"{ratio:.2f}x" if base else "-",
-                 f"{med * share:,.0f}", f"{ratio * share / mm_share:.2f}x" if base else "-",
-                 f"{med * nbytes:,.0f}", f"{ratio * nbytes / mm_bytes:.2f}x" if base else "-"]
-        print(f"| {names[r]} | " + " | ".join(f"{v:,.0f}" for v in results[r]) + " | " + " | ".join(cells) + " |")
-    print(f"\nper position on {Path(data).name}: MiniMind {mm_share:.1%} carry a target, {mm_bytes:.2f} text bytes; "
-          f"ours 100%, {per_position['ours'][1]:.2f} bytes")
+    per_position = corpus_yield(args, data)
+    print("\n".join(table(results, per_position)))
+    print(f"\nper position on {Path(data).name}: MiniMind {per_position['minimind'][0]:.1%} carry a target, "
+          f"{per_position['minimind'][1]:.2f} text bytes; ours 100%, {per_position['ours'][1]:.2f} bytes")
 
+
+NAMES = {"minimind": "MiniMind train_pretrain.py (fp32)", "float32": "minillm train_pretrain.py fp32",
+         "bfloat16": "minillm train_pretrain.py bf16 autocast"}
+
+
+def table(results: dict, per_position: dict) -> list[str]:
+    """Markdown rows: each round's positions/s, the median, and three paired ratios to MiniMind (each
+    round's run over the same round's MiniMind, then the median of those), in positions, target tokens
+    and text bytes (the last two scale the positions ratio by what a position carries for each script)."""
+    rounds = len(next(iter(results.values())))
+    lines = ["| run | " + " | ".join(f"round {i + 1}" for i in range(rounds))
+             + " | median positions/s | vs MiniMind | target tokens/s | vs MiniMind | text bytes/s | vs MiniMind |",
+             "|---|" + "---|" * (rounds + 6)]
+    mm = results.get("minimind")
+    mm_share, mm_bytes = per_position["minimind"]
+    for r, values in results.items():
+        med = statistics.median(values)
+        share, nbytes = per_position["minimind" if r == "minimind" else "ours"]
+        ratio = statistics.median(v / m for v, m in zip(values, mm)) if mm else None
+        cells = [f"{med:,.0f}", f"{ratio:.2f}x" if mm else "-",
+                 f"{med * share:,.0f}", f"{ratio * share / mm_share:.2f}x" if mm else "-",
+                 f"{med * nbytes:,.0f}", f"{ratio * nbytes / mm_bytes:.2f}x" if mm else "-"]
+        lines.append(f"| {NAMES[r]} | " + " | ".join(f"{v:,.0f}" for v in values) + " | " + " | ".join(cells) + " |")
+    return lines
 
 if __name__ == "__main__":
     main()
