@@ -12,8 +12,11 @@ Per assistant target token t (the tokens train_full_sft.py trains on):
 
     loss_t = α·CE(student_t, token_t) + (1 − α)·T²·KL(softmax(teacher_t / T) ‖ softmax(student_t / T))
 
-averaged over the optimizer step's targets (--alpha, --temperature; MiniMind's defaults 0.5 and 1.5).
-The T² keeps the soft term's gradients the same size as T changes (Hinton et al.). The teacher is any
+averaged over the optimizer step's targets (--alpha, --temperature: 0.2 and 1.0 here, MiniMind's 0.5
+and 1.5). The T² keeps the soft term's gradients the same size as T changes (Hinton et al.). On the demo
+(benchmarks/distill_demo.py) both settings give the 2-layer student a lower held-out loss than CE alone
+in every seed; 0.2 / 1.0 also keeps its held-out fact accuracy within a question of CE's (0, 0, -1 of 64
+over three seeds), where 0.5 / 1.5 lost 2-3 questions in both seeds tried. The teacher is any
 checkpoint with the same tokenizer (--teacher_init_from, default <save_dir>/full_sft, the demo SFT
 model); it stays in eval mode without gradients and is never saved. The student starts from a
 checkpoint (--init_from, default <save_dir>/pretrain; MiniMind's --from_student_weight NAME), optionally
@@ -47,11 +50,12 @@ DEMO_REPORT = "dataset/demo/heldout_sft.jsonl"
 
 def add_distill_args(parser):
     group = stage_group(parser, "distillation")
-    group.add_argument("--alpha", type=float, default=0.5,
+    group.add_argument("--alpha", type=float, default=0.2,
                        help="weight of the cross-entropy on the data; the soft (teacher) term gets 1 - alpha "
-                            "(1 = plain SFT, 0 = the teacher only)")
-    group.add_argument("--temperature", type=float, default=1.5,
-                       help="softmax temperature of both distributions in the KL term (MiniMind: 1.0-2.0)")
+                            "(1 = plain SFT, 0 = the teacher only; MiniMind's default 0.5)")
+    group.add_argument("--temperature", type=float, default=1.0,
+                       help="softmax temperature of both distributions in the KL term (MiniMind: 1.0-2.0, "
+                            "default 1.5)")
     group.add_argument("--teacher_init_from", default="", metavar="DIR",
                        help="the teacher's checkpoint folder; '' = <save_dir>/full_sft (out/full_sft: the demo "
                             "SFT model)")
