@@ -3,9 +3,9 @@ best learning rate from a small sweep (every run of the sweep is printed, not ju
 
     python benchmarks/optimizer.py                                  # demo preset, 200 steps of 4 x 256 tokens
     python benchmarks/optimizer.py --preset minimind2-small --dtype bfloat16 \\
-        --adamw_lrs 5e-4,1e-3,2e-3 --muon_lrs 0.01,0.02,0.04 --results /tmp/m2s.jsonl
+        --adamw_lrs 1.25e-4,2.5e-4,5e-4,1e-3 --muon_lrs 0.01,0.02,0.04 --results /tmp/m2s.jsonl
     python benchmarks/optimizer.py --preset minimind2-small --dtype bfloat16 \\
-        --optimizers adamw --adamw_lrs 2.5e-4 --results /tmp/m2s.jsonl   # widen the sweep; table = all runs
+        --optimizers muon --muon_lrs 0.08 --results /tmp/m2s.jsonl   # widen a sweep later; table = all runs
 
 Every run is train_pretrain.py itself on the demo corpus (same seed, same rows in the same order, 2% held
 out), so the only difference between runs is the optimizer and its learning rate. Muon's runs keep AdamW
