@@ -925,7 +925,7 @@ N_TOOL_ENTITIES = {"country": 6, "person": 8, "animal": 6}
 N_TOOL_HELDOUT = {"country": 2, "person": 3, "animal": 2}
 # tool conversations (1-4 questions each, so the ~500-token tool header is read once for several calls),
 # rows of chat without tools, held-out arithmetic questions
-N_TOOL_ROWS, N_PLAIN_ROWS, N_HELDOUT_CALC = 900, 120, 80
+N_TOOL_ROWS, N_PLAIN_ROWS, N_HELDOUT_CALC = 660, 120, 80
 EXCHANGES = [1, 1, 2, 3, 4]   # questions in a tool conversation, drawn uniformly from this list
 EXCHANGE_KINDS = [("calculator", 0.5), ("lookup", 0.4), ("missing", 0.05), ("none", 0.05)]
 # the expression is written in the question exactly as the call passes it, so the call copies it verbatim
