@@ -91,4 +91,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from minillm.trainer import main_guard
+    main_guard(main)  # a wrong folder is one line naming it, not a traceback

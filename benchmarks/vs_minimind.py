@@ -74,7 +74,8 @@ def ours_run(args, data: str, dtype: str) -> float:
                "--set", f"intermediate_size={math.ceil(args.hidden_size * math.pi / 64) * 64}",
                "--vocab_size", "6400", "--batch_size", str(args.batch_size), "--max_seq_len", str(args.seq_len),
                "--data_path", data, "--dtype", dtype, "--num_workers", "1", "--log_interval", "10",
-               "--benchmark", str(args.steps), "--benchmark_warmup", str(args.warmup), "--save_dir", out]
+               "--benchmark", str(args.steps), "--benchmark_warmup", str(args.warmup), "--save_dir", out,
+               "--optimizer", "adamw"]  # MiniMind trains with AdamW: the same optimizer work
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     m = OURS_RESULT.search(res.stdout + res.stderr)
     if res.returncode or not m:

@@ -907,6 +907,8 @@ class Trainer:
         precision = f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.amp_dtype else "float32"
         precision += ", FSDP2 sharded" if self.sharded else ""
         precision += f", grad checkpointing every {cfg.grad_checkpointing} block(s)" if cfg.grad_checkpointing else ""
+        precision += (f", Muon lr {cfg.muon_lr:g} + AdamW lr {cfg.learning_rate:g}" if cfg.optimizer == "muon"
+                      else f", AdamW lr {cfg.learning_rate:g}")
         self.log(f"training {n_params / 1e6:.2f}M parameters on {self.dist.world_size} x {self.device} "
                  f"({precision}), {self.total_steps} steps of {cfg.batch_size} x {cfg.accumulation_steps} x "
                  f"{self.dist.world_size} rows; checkpoints -> {self.run_dir}, TensorBoard -> {self.log_dir}")

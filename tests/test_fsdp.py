@@ -26,7 +26,8 @@ STEPS, SAVE_AT = 4, 2
 COMMON = ["--preset", "debug", "--vocab_size", "6400", "--max_seq_len", "32", "--log_interval", "1",
           "--num_workers", "0", "--use_tensorboard", "0", "--learning_rate", "3e-3", "--max_steps", str(STEPS),
           "--save_interval", str(SAVE_AT), "--accumulation_steps", "2", "--device", "cpu", "--dtype", "float32",
-          "--eval_split", "0.0513"]  # 24 held-out rows: whole eval batches of 2 and of 4
+          "--eval_split", "0.0513",  # 24 held-out rows: whole eval batches of 2 and of 4
+          "--optimizer", "adamw"]  # FSDP2 trains with AdamW (Muon needs whole matrices)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 # Under torchrun: an uninterrupted sharded run, then (same processes) a sharded resume on 2 ranks from its

@@ -106,3 +106,15 @@ def test_muon_run_learns_and_resumes_exactly(corpus, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--optimizer 'muon' -> 'adamw'"):
         train_pretrain.main([*TINY[:-2], "--data_path", str(corpus), "--save_dir", str(tmp_path / "b"),
                              "--max_steps", str(3 * n), "--from_resume", "1", "--optimizer", "adamw"])
+
+
+def test_pretraining_defaults_to_muon_and_says_so(corpus, tmp_path, capsys):
+    """train_pretrain.py trains with Muon unless told otherwise (the fine-tuning stages keep AdamW), and its
+    start-up line names the optimizer and both learning rates."""
+    base = [*TINY[:-2], "--data_path", str(corpus), "--max_steps", "1"]
+    default = train_pretrain.main(base + ["--save_dir", str(tmp_path / "m")])
+    assert isinstance(default.optimizer, MuonAdamW)
+    assert "Muon lr 0.02 + AdamW lr 0.003" in capsys.readouterr().out
+    adamw = train_pretrain.main(base + ["--save_dir", str(tmp_path / "a"), "--optimizer", "adamw"])
+    assert isinstance(adamw.optimizer, torch.optim.AdamW)
+    assert "AdamW lr 0.003)" in capsys.readouterr().out
