@@ -905,13 +905,13 @@ class Trainer:
             self.writer = SummaryWriter(str(self.log_dir))
         n_params = sum(p.numel() for p in self.params)
         precision = f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.amp_dtype else "float32"
+        optimizer = (f"Muon lr {cfg.muon_lr:g} + AdamW lr {cfg.learning_rate:g}" if cfg.optimizer == "muon"
+                     else f"AdamW lr {cfg.learning_rate:g}")
         precision += ", FSDP2 sharded" if self.sharded else ""
         precision += f", grad checkpointing every {cfg.grad_checkpointing} block(s)" if cfg.grad_checkpointing else ""
-        precision += (f", Muon lr {cfg.muon_lr:g} + AdamW lr {cfg.learning_rate:g}" if cfg.optimizer == "muon"
-                      else f", AdamW lr {cfg.learning_rate:g}")
         self.log(f"training {n_params / 1e6:.2f}M parameters on {self.dist.world_size} x {self.device} "
                  f"({precision}), {self.total_steps} steps of {cfg.batch_size} x {cfg.accumulation_steps} x "
-                 f"{self.dist.world_size} rows; checkpoints -> {self.run_dir}, TensorBoard -> {self.log_dir}")
+                 f"{self.dist.world_size} rows, {optimizer}; checkpoints -> {self.run_dir}, TensorBoard -> {self.log_dir}")
         model_cfg = getattr(self.model, "config", None)
         flops_tok = flops_per_token(model_cfg, cfg.max_seq_len) if model_cfg is not None else 0.0
         eval_every = cfg.eval_interval if cfg.eval_interval > 0 else cfg.save_interval

@@ -54,6 +54,8 @@ DRIVER = textwrap.dedent("""
         (out / "result.json").write_text(json.dumps({"history": whole.history, "eval": whole.eval_history,
                                                      "grad_norms": grad_norms,
                                                      "resumed": resumed.history, "logits": logits}))
+    dist.barrier()
+    dist.destroy_process_group()  # gloo's threads joined here, not torn down at interpreter exit
 """)
 
 

@@ -114,7 +114,7 @@ def test_pretraining_defaults_to_muon_and_says_so(corpus, tmp_path, capsys):
     base = [*TINY[:-2], "--data_path", str(corpus), "--max_steps", "1"]
     default = train_pretrain.main(base + ["--save_dir", str(tmp_path / "m")])
     assert isinstance(default.optimizer, MuonAdamW)
-    assert "Muon lr 0.02 + AdamW lr 0.003" in capsys.readouterr().out
+    assert "rows, Muon lr 0.02 + AdamW lr 0.003;" in capsys.readouterr().out
     adamw = train_pretrain.main(base + ["--save_dir", str(tmp_path / "a"), "--optimizer", "adamw"])
     assert isinstance(adamw.optimizer, torch.optim.AdamW)
-    assert "AdamW lr 0.003)" in capsys.readouterr().out
+    assert "rows, AdamW lr 0.003;" in capsys.readouterr().out

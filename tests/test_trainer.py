@@ -18,7 +18,8 @@ from minillm.trainer import cpu_has_bf16, lr_at, training_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "debug", "--vocab_size", "6400", "--max_seq_len", "32", "--batch_size", "4",
-        "--log_interval", "1", "--num_workers", "0", "--use_tensorboard", "0", "--learning_rate", "3e-3"]
+        "--log_interval", "1", "--num_workers", "0", "--use_tensorboard", "0", "--learning_rate", "3e-3",
+        "--optimizer", "adamw"]  # these tests check the loop with AdamW; Muon has its own in test_optimizer.py
 
 
 def run_pretrain(corpus, save_dir, *extra):
