@@ -1,9 +1,9 @@
 """Score a chat model's tool use on held-out questions: answer accuracy, how often it calls, and the
 share of well-formed calls.
 
-    python scripts/tool_report.py --model out17/full_sft_tools                      # heldout_tools.jsonl
-    python scripts/tool_report.py --model out17/full_sft_tools --heldout dataset/demo/heldout_reason.jsonl
-    python scripts/tool_report.py --model out17/full_sft_tools --offer none         # the same model, no tools
+    python scripts/tool_report.py --model out/full_sft_tools                      # heldout_tools.jsonl
+    python scripts/tool_report.py --model out/full_sft_tools --heldout dataset/demo/heldout_reason.jsonl
+    python scripts/tool_report.py --model out/full_sft_tools --offer none         # the same model, no tools
 
 Each question runs through minillm.tools.chat_with_tools (greedy): the model's calls are parsed and run
 against the demo's calculator and lookup (over --facts), their results go back, and the last reply is
@@ -107,7 +107,7 @@ def summarise(results: list[dict]) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="out17/full_sft_tools", help="checkpoint folder of a chat model")
+    p.add_argument("--model", default="out/full_sft_tools", help="checkpoint folder of a chat model")
     p.add_argument("--heldout", default="dataset/demo/heldout_tools.jsonl",
                    help='jsonl of {"question", "answer"[, "lang", "tools", "kind"]} rows')
     p.add_argument("--facts", default="dataset/demo/facts.json", help="the lookup tool's {entity: {relation: value}} file")
