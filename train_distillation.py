@@ -33,11 +33,12 @@ from torch.utils.checkpoint import checkpoint
 
 from minillm.checkpoint import load_checkpoint
 from minillm.config import ModelConfig, stage_group, weight_path
-from minillm.data import IGNORE_INDEX, LengthGroupedBatchSampler, SFTDataset, pad_collate
-from minillm.errors import NotFound, UserError
+from minillm.data import (IGNORE_INDEX, ConcatRows, LengthGroupedBatchSampler, PretrainDataset, SFTDataset, TextRows,
+                          pad_collate)
+from minillm.errors import NotFound, UserError, require_file
 from minillm.evaluation import heldout_accuracy, read_heldout
 from minillm.model import MiniLLM
-from minillm.trainer import Trainer, load_datasets, main_guard, prepare_stage
+from minillm.trainer import Trainer, build_on_main_first, load_datasets, main_guard, prepare_stage
 
 STAGE_DEFAULTS = dict(
     data_path="dataset/demo/sft.jsonl", init_from="out/pretrain", save_weight="full_dist", epochs=2,
@@ -72,6 +73,10 @@ def add_distill_args(parser):
                        help="keep only these decoder layers of the --init_from checkpoint, in this order: a "
                             "shallower student that starts from a deeper model's weights (DistilBERT's init; "
                             "e.g. 0,2 of the 4-layer demo model); '' = all")
+    group.add_argument("--text_data_path", default="", metavar="FILE",
+                       help="a pretraining-format jsonl ({\"text\": ...} rows) distilled on as well: its packed "
+                            "rows of --max_seq_len tokens join the chat rows, every token a target (DistilBERT "
+                            "distils on its pretraining corpus); '' = the chat rows only")
     group.add_argument("--chunk_size", type=int, default=4096, metavar="N",
                        help="positions per chunk of the teacher's logits and the KL: the teacher's "
                             "[positions, vocab] logits exist for one chunk at a time (0 = the whole batch at once)")
@@ -255,6 +260,11 @@ def main(argv=None):
 
     dataset, eval_set = load_datasets(stage, lambda data: SFTDataset(
         data, tok, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines)))
+    if args.text_data_path:  # plain text too: the teacher's distribution at every token of it
+        require_file(args.text_data_path, "--text_data_path", "pass a pretraining-format jsonl")
+        text = build_on_main_first(stage.dist, lambda: TextRows(PretrainDataset(
+            args.text_data_path, tok, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines))))
+        dataset = ConcatRows([dataset, text])
     sampler = LengthGroupedBatchSampler(dataset.lengths, cfg.batch_size, stage.dist.rank, stage.dist.world_size,
                                         cfg.accumulation_steps, seed=cfg.seed)
     collate = pad_collate(tok.pad_id)

@@ -318,3 +318,31 @@ def test_init_layers_keeps_the_named_layers(tok, tmp_path, sft_rows, teacher_dir
         run(tmp_path, sft_rows, "--init_from", str(teacher_dir), "--init_layers", "0,5")
     with pytest.raises(UserError, match="give one"):
         run(tmp_path, sft_rows, "--init_from", "", "--init_layers", "0")
+
+
+def test_text_data_path_distils_on_plain_text_rows_every_token_a_target(tok, tmp_path, sft_rows, teacher_dir):
+    """--text_data_path: the corpus' packed rows join the chat rows with a loss mask of all ones, and a
+    wrong path is one clear error."""
+    from minillm.data import ConcatRows, PretrainDataset, TextRows
+    corpus = tmp_path / "text.jsonl"
+    lines = (ROOT / "dataset/demo/pretrain.jsonl").read_text(encoding="utf-8").splitlines()[:60]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    packed = PretrainDataset(corpus, tok, 96, num_workers=0)
+    text = TextRows(packed)
+    assert len(text) == len(packed) > 4 and list(text.lengths) == [96] * len(packed)
+    assert torch.equal(text[3]["ids"], packed[3]) and text[3]["loss_mask"].all()
+    chat = SFTDataset(sft_rows, tok, max_seq_len=96)
+    both = ConcatRows([chat, text])
+    assert len(both) == len(chat) + len(text)
+    assert torch.equal(both[len(chat) + 2]["ids"], packed[2]) and torch.equal(both[5]["ids"], chat[5]["ids"])
+    assert list(both.lengths) == list(chat.lengths) + [96] * len(text)
+    with pytest.raises(IndexError):
+        both[len(both)]
+
+    trainer = run(tmp_path, sft_rows, "--init_from", "", "--preset", "debug", "--student_hidden_size", "32",
+                  "--student_num_layers", "1", "--epochs", "1", "--log_interval", "1", "--learning_rate", "1e-2",
+                  "--text_data_path", str(corpus))
+    # one epoch covers both: the chat rows and every packed text row (8 rows per step)
+    assert trainer.step == -(-(len(chat) + len(text)) // 8)
+    with pytest.raises(UserError, match=r"--text_data_path .*nope\.jsonl"):
+        run(tmp_path, sft_rows, "--init_from", "", "--preset", "debug", "--text_data_path", str(tmp_path / "nope.jsonl"))

@@ -8,13 +8,13 @@
 Nothing here tokenizes inside the data loader: pretraining text is tokenized once into the cache,
 conversations are rendered once when the dataset is built.
 """
-from minillm.data.chat import (IGNORE_INDEX, DPODataset, PadCollate, SFTDataset, Subset, dpo_collate, holdout_split,
-                               pad_collate)
+from minillm.data.chat import (IGNORE_INDEX, ConcatRows, DPODataset, PadCollate, SFTDataset, Subset, TextRows, dpo_collate,
+                               holdout_split, pad_collate)
 from minillm.data.jsonl import FORMATS, BadLineReport, DataError, parse_line, read_jsonl
 from minillm.data.pretrain import PretrainDataset, build_token_cache, default_cache_dir, packed_collate, token_cache_path
 from minillm.data.samplers import LengthGroupedBatchSampler, ShardedBatchSampler
 
-__all__ = ["IGNORE_INDEX", "DPODataset", "PadCollate", "SFTDataset", "Subset", "dpo_collate", "holdout_split",
+__all__ = ["IGNORE_INDEX", "ConcatRows", "TextRows", "DPODataset", "PadCollate", "SFTDataset", "Subset", "dpo_collate", "holdout_split",
            "pad_collate", "FORMATS", "BadLineReport", "DataError", "parse_line", "read_jsonl", "PretrainDataset",
            "build_token_cache", "default_cache_dir", "packed_collate", "token_cache_path",
            "LengthGroupedBatchSampler", "ShardedBatchSampler"]

@@ -309,3 +309,45 @@ def holdout_split(dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
         raise DataError(f"--eval_split {fraction} leaves no training rows out of {n}")
     order = np.random.default_rng([seed, 2]).permutation(n)
     return Subset(dataset, np.sort(order[n_eval:])), Subset(dataset, np.sort(order[:n_eval]))
+
+
+class TextRows(Dataset):
+    """A pretraining corpus as chat-shaped items: PretrainDataset's packed rows (seq_len + 1 ids, documents
+    run on, EOS between) with every position a target: {"ids", "loss_mask" all True}. For a stage that
+    trains on chat rows and plain text together (train_distillation.py --text_data_path)."""
+
+    def __init__(self, packed):
+        self.packed = packed
+        self.lengths = np.full(len(packed), packed.seq_len, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.packed[i]
+        return {"ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
+
+    def report(self) -> str:
+        return f"{len(self)} packed text rows of {self.packed.seq_len} tokens from {self.packed.meta['source']}"
+
+
+class ConcatRows(Dataset):
+    """Datasets of {"ids", "loss_mask"} items one after another, with their `lengths` joined (the
+    length-grouped sampler then batches similar lengths from any of them)."""
+
+    def __init__(self, datasets):
+        self.datasets = list(datasets)
+        self.offsets = np.cumsum([0] + [len(d) for d in self.datasets])
+        self.lengths = np.concatenate([np.asarray(d.lengths) for d in self.datasets])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.datasets[k][i - int(self.offsets[k])]
+
+    def report(self) -> str:
+        return " + ".join(d.report() for d in self.datasets)
