@@ -47,6 +47,7 @@ STAGE_DEFAULTS = dict(
 )
 TEACHER_WEIGHT = "full_sft"  # the default teacher: <save_dir>/full_sft, the demo SFT model
 DEMO_REPORT = "dataset/demo/heldout_sft.jsonl"
+DEMO_TEXT = "dataset/demo/pretrain.jsonl"  # the corpus the demo teacher was pretrained on
 
 
 def add_distill_args(parser):
@@ -73,10 +74,11 @@ def add_distill_args(parser):
                        help="keep only these decoder layers of the --init_from checkpoint, in this order: a "
                             "shallower student that starts from a deeper model's weights (DistilBERT's init; "
                             "e.g. 0,2 of the 4-layer demo model); '' = all")
-    group.add_argument("--text_data_path", default="", metavar="FILE",
+    group.add_argument("--text_data_path", default="auto", metavar="FILE",
                        help="a pretraining-format jsonl ({\"text\": ...} rows) distilled on as well: its packed "
                             "rows of --max_seq_len tokens join the chat rows, every token a target (DistilBERT "
-                            "distils on its pretraining corpus); '' = the chat rows only")
+                            "distils on its pretraining corpus); auto = the demo corpus when training on the demo "
+                            "data, else none; '' = the chat rows only (MiniMind)")
     group.add_argument("--chunk_size", type=int, default=4096, metavar="N",
                        help="positions per chunk of the teacher's logits and the KL: the teacher's "
                             "[positions, vocab] logits exist for one chunk at a time (0 = the whole batch at once)")
@@ -260,11 +262,13 @@ def main(argv=None):
 
     dataset, eval_set = load_datasets(stage, lambda data: SFTDataset(
         data, tok, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines)))
-    if args.text_data_path:  # plain text too: the teacher's distribution at every token of it
-        require_file(args.text_data_path, "--text_data_path", "pass a pretraining-format jsonl")
+    text_path = (DEMO_TEXT if stage.on_demo_data else "") if args.text_data_path == "auto" else args.text_data_path
+    if text_path:  # plain text too: the teacher's distribution at every token of it
+        require_file(text_path, "--text_data_path", "pass a pretraining-format jsonl")
         text = build_on_main_first(stage.dist, lambda: TextRows(PretrainDataset(
-            args.text_data_path, tok, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines))))
+            text_path, tok, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines))))
         dataset = ConcatRows([dataset, text])
+    stage.stage_args["text_data_path"] = text_path  # config.yaml records what was distilled on
     sampler = LengthGroupedBatchSampler(dataset.lengths, cfg.batch_size, stage.dist.rank, stage.dist.world_size,
                                         cfg.accumulation_steps, seed=cfg.seed)
     collate = pad_collate(tok.pad_id)

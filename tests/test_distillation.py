@@ -346,3 +346,21 @@ def test_text_data_path_distils_on_plain_text_rows_every_token_a_target(tok, tmp
     assert trainer.step == -(-(len(chat) + len(text)) // 8)
     with pytest.raises(UserError, match=r"--text_data_path .*nope\.jsonl"):
         run(tmp_path, sft_rows, "--init_from", "", "--preset", "debug", "--text_data_path", str(tmp_path / "nope.jsonl"))
+
+
+def test_on_the_demo_data_the_demo_corpus_is_distilled_on_too(tok, tmp_path, teacher_dir, monkeypatch):
+    """--text_data_path auto: the demo corpus joins the demo chat rows (what lifts the demo student's held-out
+    facts, README); on other data nothing is added, as MiniMind's script does."""
+    monkeypatch.chdir(ROOT)
+    trainer = train_distillation.main([
+        "--save_dir", str(tmp_path / "out"), "--max_seq_len", "96", "--batch_size", "8", "--device", "cpu",
+        "--num_workers", "0", "--use_tensorboard", "0", "--use_compile", "0", "--report_path", "",
+        "--init_from", "", "--preset", "debug", "--student_hidden_size", "32", "--student_num_layers", "1",
+        "--max_steps", "1"])
+    doc = yaml.safe_load((tmp_path / "out" / "full_dist" / "config.yaml").read_text())
+    assert doc["stage"]["text_data_path"] == "dataset/demo/pretrain.jsonl"
+    chat = SFTDataset("dataset/demo/sft.jsonl", tok, max_seq_len=96)
+    text = train_distillation.PretrainDataset("dataset/demo/pretrain.jsonl", tok, 96)
+    assert len(trainer.dataset) == len(chat) + len(text)
+    assert trainer.dataset.report() == f"{chat.report()} + {len(text)} packed text rows of 96 tokens from " \
+                                       f"{ROOT / 'dataset/demo/pretrain.jsonl'}"
