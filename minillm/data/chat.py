@@ -328,7 +328,7 @@ class TextRows(Dataset):
         return {"ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
 
     def report(self) -> str:
-        return f"{len(self)} packed text rows of {self.packed.seq_len} tokens from {self.packed.meta['source']}"
+        return f"{len(self)} packed text rows of {self.packed.seq_len} tokens from {self.packed.source}"
 
 
 class ConcatRows(Dataset):

@@ -137,6 +137,7 @@ class PretrainDataset(Dataset):
     """
 
     def __init__(self, jsonl_path, tokenizer, seq_len: int, skip_bad: bool = False, num_workers: int | None = None):
+        self.source = str(jsonl_path)  # as given (the cache's sidecar keeps the path it was first built from)
         self.path = build_token_cache(jsonl_path, tokenizer, num_workers=num_workers, skip_bad=skip_bad)
         self.meta = _load_meta(self.path)
         self.seq_len = seq_len
