@@ -164,20 +164,30 @@ def test_two_machines_train_like_one_two_process_launch(runs, corpus):
     """Two torchrun launches as node 0 and node 1 (c10d rendezvous on localhost, one process each) train
     the same steps as one 2-process launch. With --grad_checkpointing 1, which must not change the result."""
     _, two, out = runs
-    port = _free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
-                               str(rank), "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_id", "minillm",
-                               "--rdzv_endpoint", f"localhost:{port}", str(ROOT / "train_pretrain.py"), *COMMON,
-                               "--data_path", str(corpus), "--batch_size", "2", "--fsdp", "1",
-                               "--grad_checkpointing", "1", "--save_dir", str(out / "nodes")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-             for rank in (0, 1)]
-    results = [node.communicate(timeout=400) for node in nodes]
+
+    def launch(save_dir):
+        port = _free_port()
+        nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                                   str(rank), "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_id", "minillm",
+                                   "--rdzv_endpoint", f"localhost:{port}", str(ROOT / "train_pretrain.py"), *COMMON,
+                                   "--data_path", str(corpus), "--batch_size", "2", "--fsdp", "1",
+                                   "--grad_checkpointing", "1", "--save_dir", str(save_dir)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                 for rank in (0, 1)]
+        return nodes, [node.communicate(timeout=400) for node in nodes]
+
+    nodes, results = launch(out / "nodes")
+    if any(n.returncode != 0 and "SIGABRT" in err for n, (_, err) in zip(nodes, results)):
+        # one known flake, seen once so far (a fresh-clone run while another job loaded the 2 cores): a worker
+        # aborts in gloo ("terminate called without an active exception") seconds into the run and the other
+        # node gives up minutes later. A second launch on a fresh port and folder must pass; anything else fails.
+        nodes, results = launch(out / "nodes_again")
     for node, (stdout, stderr) in zip(nodes, results):
         assert node.returncode == 0, stdout[-2000:] + stderr[-3000:]
     log = "".join(stdout for stdout, _ in results)
     assert "on 2 x cpu (float32, FSDP2 sharded, grad checkpointing every 1 block(s))" in log
-    _assert_same_weights(_weights(out / "nodes/pretrain"), _weights(out / "two/whole/pretrain"))
+    saved = out / ("nodes_again" if (out / "nodes_again").exists() else "nodes")
+    _assert_same_weights(_weights(saved / "pretrain"), _weights(out / "two/whole/pretrain"))
 
 
 # -- activation checkpointing ---------------------------------------------------------------------
