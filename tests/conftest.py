@@ -2,6 +2,7 @@
 tests run the same kernels in Triton's interpreter (TRITON_INTERPRET=1), and Triton fixes the mode of a
 kernel when its module is imported, so the two cannot share a process: tests/gpu is collected only
 when it is named on its own (`python -m pytest tests/gpu` on a CUDA machine)."""
+import importlib.util
 import os
 from pathlib import Path
 
@@ -54,3 +55,12 @@ def crash_after_save(monkeypatch, step: int, run):
             run()
     finally:
         monkeypatch.setattr(Trainer, "save", original_save)
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts folder is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,12 +1,12 @@
 """The demo's tool-use data (dataset/demo/sft_tools.jsonl, heldout_tools.jsonl, facts.json) and
 scripts/tool_report.py's scoring: reproducible, no held-out leak, tool results that are exactly what
 minillm.tools returns, and the loss on calls and replies only."""
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from minillm.tokenizer import Tokenizer
 from minillm.tools import ToolCall, calculate, lookup_tool, parse_tool_calls
@@ -16,13 +16,6 @@ DEMO = ROOT / "dataset" / "demo"
 MAX_SEQ_LEN = 1100  # the README's tool SFT command trains with --max_seq_len 1100
 OTHER_FILES = ["pretrain", "sft", "lora_medical", "lora_identity", "dpo", "r1", "rlaif",
                "heldout_sft", "heldout_medical", "heldout_identity", "heldout_dpo", "heldout_reason"]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read(name):

@@ -10,22 +10,15 @@ Lookup is not tested here: this 3M model answers lookups from memory, not from t
 lookup tool with changed facts, 0 of 30 trained questions carried the changed value; held-out entities 4.4%),
 as the README's "Tool use" section reports.
 """
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tool_model"
 DEMO = ROOT / "dataset" / "demo"
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import multiprocessing as mp
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from minillm.data.jsonl import (FORMATS, BadLineReport, DataError, check_exists, collect_bad, conversation_tools,
                                 map_chunks, no_rows_error, parse_line)
@@ -331,23 +331,13 @@ class TextRows(Dataset):
         return f"{len(self)} packed text rows of {self.packed.seq_len} tokens from {self.packed.source}"
 
 
-class ConcatRows(Dataset):
-    """Datasets of {"ids", "loss_mask"} items one after another, with their `lengths` joined (the
-    length-grouped sampler then batches similar lengths from any of them)."""
+class ConcatRows(ConcatDataset):
+    """torch's ConcatDataset of {"ids", "loss_mask"} datasets, with their `lengths` joined (the
+    length-grouped sampler then batches similar lengths from any of them) and their reports."""
 
     def __init__(self, datasets):
-        self.datasets = list(datasets)
-        self.offsets = np.cumsum([0] + [len(d) for d in self.datasets])
+        super().__init__(datasets)
         self.lengths = np.concatenate([np.asarray(d.lengths) for d in self.datasets])
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def __getitem__(self, i: int):
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        return self.datasets[k][i - int(self.offsets[k])]
 
     def report(self) -> str:
         return " + ".join(d.report() for d in self.datasets)
