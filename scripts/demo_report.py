@@ -13,9 +13,9 @@ generation (or, for the preference set, log-probs) on questions that appear in n
 - rl prompts: the first 64 rlaif.jsonl prompts (training prompts of the RL stages, not held out), the share
   of greedy replies that contain the answer: what GRPO / PPO optimise.
 The reward model (out/reward) gets a line of its own: held-out pairwise accuracy on heldout_dpo.
-The distilled student (out/full_dist) is followed by the same student trained with CE alone
-(`train_distillation.py --init_layers 0,2 --alpha 1 --save_weight full_dist_ce`); their held-out loss
-is in benchmarks/distill_demo.py.
+The distilled student (out/full_dist: `train_distillation.py --init_from '' --student_hidden_size 128
+--student_num_layers 2 --learning_rate 1e-3`) is followed by the same student trained with CE alone (the
+same flags and `--alpha 1 --save_weight full_dist_ce`); their held-out loss is in benchmarks/distill_demo.py.
 """
 import argparse
 import sys
@@ -34,7 +34,7 @@ from minillm.reasoning import evaluate_reasoning  # noqa: E402
 STAGES = [("pretrain", "pretrain", None), ("full SFT", "full_sft", None),
           ("SFT + lora_medical", "full_sft", "lora_medical"), ("SFT + lora_identity", "full_sft", "lora_identity"),
           ("DPO", "dpo", None), ("reasoning distill", "reason", None), ("GRPO", "grpo", None),
-          ("PPO", "ppo_actor", None), ("distilled student (2 layers)", "full_dist", None),
+          ("PPO", "ppo_actor", None), ("distilled student (0.64M)", "full_dist", None),
           ("the same student, CE only", "full_dist_ce", None)]
 COLUMNS = ["facts", "medical", "identity", "preference", "reasoning", "rl prompts"]
 RL_PROMPTS = 64
