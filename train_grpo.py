@@ -371,15 +371,11 @@ def main(argv=None):
         raise UserError(f"--max_prompts {args.max_prompts}: the number of prompts to train on, 0 (all) or more, "
                         f"or -1 (auto)")
     max_prompts = args.max_prompts if args.max_prompts >= 0 else (DEMO_PROMPTS if stage.on_demo_data else 0)
-    if 0 < max_prompts < len(dataset):  # the first N, the same on every rank
-        dataset.total_prompts = len(dataset)
-        for name in ("rows", "prompts", "lines", "lengths"):
-            setattr(dataset, name, getattr(dataset, name)[:max_prompts])
+    dataset.keep_first(max_prompts)
     sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, stage.dist.rank, stage.dist.world_size,
                                   cfg.accumulation_steps, seed=cfg.seed)
     if stage.dist.is_main:
-        subset = f" (the first of {dataset.total_prompts})" if hasattr(dataset, "total_prompts") else ""
-        print(f"model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}; data: {dataset.describe()}{subset}; "
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}; data: {dataset.describe()}; "
               f"rewards: {spec}; {args.loss_type} loss, {args.loss_agg} aggregation, epsilon {args.epsilon}/"
               f"{epsilon_high}, beta {args.beta}, {args.num_generations} generations per prompt")
 

@@ -82,6 +82,14 @@ class PromptDataset(Dataset):
                    if self.too_long else str(self.report))
             raise DataError(f"{path}: no usable prompt rows ({why})")
         self.lengths = [len(p) for p in self.prompts]
+        self.total_prompts = len(self.prompts)
+
+    def keep_first(self, n: int) -> None:
+        """Train on the first `n` usable prompts only (0 or more than there are = all): the same on every
+        rank, so each prompt comes back once per epoch (--max_prompts)."""
+        if 0 < n < len(self):
+            for name in ("rows", "prompts", "lines", "lengths"):
+                setattr(self, name, getattr(self, name)[:n])
 
     def __len__(self):
         return len(self.prompts)
@@ -92,7 +100,8 @@ class PromptDataset(Dataset):
     def describe(self) -> str:
         skipped = f", {self.too_long} too long skipped" if self.too_long else ""
         bad = f", {self.report}" if self.report else ""
-        return f"{len(self)} prompts from {self.path}{skipped}{bad}"
+        subset = f" (the first of {self.total_prompts})" if len(self) < self.total_prompts else ""
+        return f"{len(self)} prompts{subset} from {self.path}{skipped}{bad}"
 
 
 def prompt_collate(items: list[dict]) -> dict:
