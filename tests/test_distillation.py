@@ -166,6 +166,20 @@ def test_matches_torch_kl_div_and_the_transformers_recipe(tok, batch, teacher, a
     torch.testing.assert_close(loss, (1 - lam) * F.cross_entropy(st, targets) + lam * soft)
 
 
+@pytest.mark.parametrize("alpha, T", [(0.5, 1.5), (0.2, 1.0)])
+def test_soft_term_equals_trls_gkd_loss_at_beta_zero(tok, batch, teacher, alpha, T):
+    """TRL's GKDTrainer.generalized_jsd_loss with beta 0 is KL(teacher_T ‖ student_T) per target token:
+    our soft term, and with it the whole loss, on the same tensors."""
+    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer", reason="TRL is the oracle here (pip install trl)")
+    s = student_logits(batch, tok)
+    loss, metrics = train_distillation.make_distill_loss(teacher, alpha, T)(FixedLogits(s), batch, totals_of(batch))
+    labels = batch["ids"][:, 1:].masked_fill(~batch["loss_mask"][:, 1:], -100)
+    trl_kl = gkd.GKDTrainer.generalized_jsd_loss(s, teacher(batch["ids"][:, :-1]), labels, beta=0.0, temperature=T)
+    torch.testing.assert_close(metrics["kl"], trl_kl)
+    ce = F.cross_entropy(s.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(loss, alpha * ce + (1 - alpha) * T ** 2 * trl_kl)
+
+
 def test_chunked_equals_unchunked(tok, batch, teacher):
     """Every chunk size gives the whole batch's loss and gradients to fp32 rounding."""
     student = tiny(tok, 1, hidden_size=32, num_hidden_layers=1)
