@@ -1,12 +1,10 @@
 """Logit distillation (MiniMind's train_distillation.py): a student learns the data's assistant tokens
 and, at every one of them, the teacher's whole next-token distribution.
 
-    python train_distillation.py --init_from '' --student_hidden_size 128 --student_num_layers 2 --learning_rate 1e-3
-                                          # demo: a new 0.64M student of the demo SFT model out/full_sft (3.34M)
-    python train_distillation.py --init_from '' --student_hidden_size 128 --student_num_layers 2 --learning_rate 1e-3 \\
-        --alpha 1 --save_weight full_dist_ce              # the same student, CE alone (SFT)
-    python train_distillation.py --init_layers 0,2        # a 2-layer student cut from out/pretrain
-    python train_distillation.py --init_layers 0,2 --text_data_path ''   # the demo's chat rows only (MiniMind's data)
+    python train_distillation.py                          # demo: a new 0.64M student of out/full_sft (3.34M)
+    python train_distillation.py --alpha 1 --save_weight full_dist_ce   # the same student, CE alone (SFT)
+    python train_distillation.py --init_from out/pretrain --init_layers 0,2   # a 2-layer student cut from out/pretrain
+    python train_distillation.py --init_from out/pretrain --init_layers 0,2 --text_data_path ''   # chat rows only
     python train_distillation.py --from_student_weight full_sft --student_hidden_size 512 \\
         --from_teacher_weight full_sft --teacher_hidden_size 768 --teacher_use_moe 1  # MiniMind's flags and files
     torchrun --nproc_per_node 8 train_distillation.py --data_path sft_mini_512.jsonl --teacher_init_from ...
@@ -20,18 +18,18 @@ and 1.5). The T² keeps the soft term's gradients the same size as T changes (Hi
 --text_data_path adds a pretraining-format corpus, every token of it a target (on the demo data the demo
 corpus by default: the chat rows never mention the held-out entities, the corpus does). Against the same
 student trained with CE alone (--alpha 1) on the same rows for the same steps (benchmarks/distill_demo.py,
-3 seeds, README "Logit distillation"): a new 0.64M student (the demo recipe, --init_from ''
---student_hidden_size 128 --student_num_layers 2 --learning_rate 1e-3) distilled from the 3.34M demo SFT
-model has the lower held-out loss (1.83 / 1.80 / 1.74 vs 2.11 / 2.06 / 1.80) and answers more held-out
+3 seeds, README "Logit distillation"): the default student, a new 0.64M model (preset demo-student:
+hidden 128 x 2 layers, lr 1e-3) distilled from the 3.34M demo SFT model has the lower held-out loss (1.83 / 1.80 / 1.74 vs 2.11 / 2.06 / 1.80) and answers more held-out
 facts (12 / 6 / 12 of 64 vs 8 / 4 / 3) in every seed. A student cut from the teacher's own pretrained
 layers (--init_layers 0,2) knows nearly what the teacher knows: distillation then wins the held-out loss
 on the chat rows alone and a fact question with the corpus, not both at once.
 The teacher is any checkpoint with the same tokenizer (--teacher_init_from, default <save_dir>/full_sft,
-the demo SFT model); it stays in eval mode without gradients and is never saved. The student starts from a
-checkpoint (--init_from, default <save_dir>/pretrain; MiniMind's --from_student_weight NAME), optionally
-cut to some of its layers (--init_layers), or is a new model of the shape the model flags give with
---init_from '' (--student_hidden_size, --student_num_layers, --student_use_moe are MiniMind's names for
---hidden_size, --num_hidden_layers, --use_moe).
+the demo SFT model); it stays in eval mode without gradients and is never saved. The student is a new model
+(--init_from '', the default) of the demo-student preset or the shape --preset and the model flags give
+(--student_hidden_size, --student_num_layers, --student_use_moe are MiniMind's names for --hidden_size,
+--num_hidden_layers, --use_moe), trained at lr 1e-3; or it starts from a checkpoint (--init_from DIR,
+MiniMind's --from_student_weight NAME), optionally cut to some of its layers (--init_layers), at lr 1e-4
+unless --learning_rate says otherwise.
 """
 import argparse
 from pathlib import Path
@@ -41,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minillm.checkpoint import load_checkpoint
-from minillm.config import ModelConfig, stage_group, weight_path
+from minillm.config import ModelConfig, load_yaml, stage_group, weight_path
 from minillm.data import (IGNORE_INDEX, ConcatRows, LengthGroupedBatchSampler, PretrainDataset, SFTDataset, TextRows,
                           pad_collate)
 from minillm.errors import NotFound, UserError, require_file
@@ -49,11 +47,17 @@ from minillm.evaluation import heldout_accuracy, read_heldout
 from minillm.model import MiniLLM
 from minillm.trainer import Trainer, build_on_main_first, load_datasets, main_guard, prepare_stage
 
+# the demo recipe: a new student of the demo-student preset (hidden 128 x 2 layers, 0.64M, a fifth of the
+# 3.34M demo SFT teacher) at lr 1e-3 for 2 epochs of the chat rows and the demo corpus (~4.5 min on 2 cores);
+# a student that starts from a checkpoint (--init_from, --from_student_weight) gets CHECKPOINT_LR instead
+# unless --learning_rate (or --config) sets one
 STAGE_DEFAULTS = dict(
-    data_path="dataset/demo/sft.jsonl", init_from="out/pretrain", save_weight="full_dist", epochs=2,
-    batch_size=16, max_seq_len=256, learning_rate=1e-4, accumulation_steps=1,
+    data_path="dataset/demo/sft.jsonl", init_from="", save_weight="full_dist", epochs=2,
+    batch_size=16, max_seq_len=256, learning_rate=1e-3, accumulation_steps=1,
     log_interval=10, save_interval=100,
 )
+STUDENT_PRESET = "demo-student"
+CHECKPOINT_LR = 1e-4  # a pretrained student: 1e-3 would undo what it knows
 TEACHER_WEIGHT = "full_sft"  # the default teacher: <save_dir>/full_sft, the demo SFT model
 DEMO_REPORT = "dataset/demo/heldout_sft.jsonl"
 DEMO_TEXT = "dataset/demo/pretrain.jsonl"  # the corpus the demo teacher was pretrained on
@@ -244,9 +248,20 @@ def load_teacher(path: str, args, student, student_tok, device, kernel_backend: 
     return teacher
 
 
+def lr_given(args) -> bool:
+    """Whether --learning_rate or a --config file's train section sets the learning rate."""
+    if "learning_rate" in vars(args):  # the common flags are absent from the namespace unless given
+        return True
+    config = getattr(args, "config", "")
+    return bool(config) and "learning_rate" in (load_yaml(config).get("train") or {})
+
+
 def main(argv=None):
-    stage, args = prepare_stage(__doc__, STAGE_DEFAULTS, argv, extra_args=add_distill_args)
+    stage, args = prepare_stage(__doc__, STAGE_DEFAULTS, argv, extra_args=add_distill_args,
+                                default_preset=STUDENT_PRESET)
     cfg, tok, device = stage.cfg, stage.tokenizer, stage.dist.device
+    if cfg.init_from and not lr_given(args):
+        cfg.learning_rate = CHECKPOINT_LR
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha {args.alpha}: the weight of the cross-entropy must be in [0, 1]")
     if args.temperature <= 0:

@@ -183,6 +183,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # what train_pretrain.py trains with no arguments: learns the demo corpus on a laptop CPU in minutes
     "demo": dict(vocab_size=2048, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, max_position_embeddings=2048),
+    # train_distillation.py's default student: a new model a fifth of the demo model's size (0.64M)
+    "demo-student": dict(vocab_size=2048, hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=2, max_position_embeddings=2048),
     "minimind2-small": dict(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                             num_key_value_heads=2),
     "minimind2": dict(vocab_size=6400, hidden_size=768, num_hidden_layers=16, num_attention_heads=8,

@@ -1096,12 +1096,14 @@ class Stage:
     on_demo_data: bool = False  # --data_path is the stage's demo file: demo-only extras may apply
 
 
-def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Callable | None = None):
+def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Callable | None = None,
+                  default_preset: str = "demo"):
     """Parse flags, set up processes and seeds, load the tokenizer and build (or load) the model.
 
     With `--init_from DIR` (or a stage default) the model and its shape come from that
     checkpoint and its tokenizer is used unless --tokenizer_path says otherwise. A new model takes
-    its vocabulary size from the tokenizer unless --vocab_size (or a config file) sets it.
+    its vocabulary size from the tokenizer unless --vocab_size (or a config file) sets it, and its shape
+    from `default_preset` unless --preset (or model flags) say otherwise.
     `extra_args(parser)` adds the stage's own flags; returns (Stage, args).
     """
     from minillm.checkpoint import load_checkpoint, load_config
@@ -1109,7 +1111,7 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
     from minillm.model import MiniLLM
     from minillm.tokenizer import Tokenizer
 
-    parser = build_parser(description, defaults)
+    parser = build_parser(description, defaults, default_preset=default_preset)
     common = {a.dest for a in parser._actions}
     if extra_args is not None:
         extra_args(parser)
@@ -1129,7 +1131,7 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
             raise NotFound(f"{e} (this stage starts from --init_from {init_from})") from None
         model_cfg, cfg = resolve(args, defaults, base_model=base_cfg)
     else:
-        model_cfg, cfg = resolve(args, defaults)
+        model_cfg, cfg = resolve(args, defaults, default_preset=default_preset)
     dist_info = setup_distributed(cfg.device)
     for note in notes if dist_info.is_main else ():
         print(note, flush=True)

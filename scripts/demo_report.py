@@ -13,9 +13,8 @@ generation (or, for the preference set, log-probs) on questions that appear in n
 - rl prompts: the first 64 rlaif.jsonl prompts (training prompts of the RL stages, not held out), the share
   of greedy replies that contain the answer: what GRPO / PPO optimise.
 The reward model (out/reward) gets a line of its own: held-out pairwise accuracy on heldout_dpo.
-The distilled student (out/full_dist: `train_distillation.py --init_from '' --student_hidden_size 128
---student_num_layers 2 --learning_rate 1e-3`) is followed by the same student trained with CE alone (the
-same flags and `--alpha 1 --save_weight full_dist_ce`); their held-out loss is in benchmarks/distill_demo.py.
+The distilled student (out/full_dist: `train_distillation.py`, a new 0.64M model) is followed by the same
+student trained with CE alone (`--alpha 1 --save_weight full_dist_ce`); their held-out loss is in benchmarks/distill_demo.py.
 """
 import argparse
 import sys

@@ -362,6 +362,33 @@ def test_text_data_path_distils_on_plain_text_rows_every_token_a_target(tok, tmp
         run(tmp_path, sft_rows, "--init_from", "", "--preset", "debug", "--text_data_path", str(tmp_path / "nope.jsonl"))
 
 
+def test_defaults_distil_into_a_new_demo_student_and_a_checkpoint_student_gets_a_lower_lr(tmp_path, sft_rows,
+                                                                                           teacher_dir):
+    """No student flags: a new model of the demo-student preset (0.64M, hidden 128 x 2) at lr 1e-3; a student
+    from a checkpoint gets 1e-4 unless --learning_rate or a --config sets the rate."""
+    trainer = run(tmp_path, sft_rows, "--max_steps", "1")
+    cfg = trainer.model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size) == (128, 2, 384)
+    assert 0.6e6 < trainer.model.num_params() < 0.7e6
+    assert trainer.cfg.learning_rate == 1e-3 and trainer.cfg.init_from == ""
+    doc = yaml.safe_load((tmp_path / "out" / "full_dist" / "config.yaml").read_text())
+    assert doc["train"]["learning_rate"] == 1e-3 and doc["model"]["hidden_size"] == 128
+
+    from_ckpt = run(tmp_path, sft_rows, "--init_from", str(teacher_dir), "--init_layers", "0", "--max_steps", "1",
+                    "--save_weight", "cut")
+    assert from_ckpt.cfg.learning_rate == 1e-4
+    doc = yaml.safe_load((tmp_path / "out" / "cut" / "config.yaml").read_text())
+    assert doc["train"]["learning_rate"] == 1e-4
+    given = run(tmp_path, sft_rows, "--init_from", str(teacher_dir), "--max_steps", "1", "--learning_rate", "5e-4",
+                "--save_weight", "given")
+    assert given.cfg.learning_rate == 5e-4
+    config = tmp_path / "lr.yaml"
+    config.write_text("train:\n  learning_rate: 3.0e-4\n")
+    by_config = run(tmp_path, sft_rows, "--init_from", str(teacher_dir), "--max_steps", "1", "--config", str(config),
+                    "--save_weight", "config")
+    assert by_config.cfg.learning_rate == 3e-4
+
+
 def test_on_the_demo_data_the_demo_corpus_is_distilled_on_too(tok, tmp_path, teacher_dir, monkeypatch):
     """--text_data_path auto: the demo corpus joins the demo chat rows (what lifts the demo student's held-out
     facts, README); on other data nothing is added, as MiniMind's script does."""

@@ -153,6 +153,7 @@ def test_presets_have_the_documented_sizes():
     assert millions("minimind2") == pytest.approx(104, abs=1)
     assert millions("minimind-3") == pytest.approx(64, abs=1)
     assert millions("1b") == pytest.approx(1000, rel=0.1)
+    assert millions("demo") == pytest.approx(3.3, abs=0.05) and millions("demo-student") == pytest.approx(0.64, abs=0.01)
     cfg = ModelConfig.preset("minimind-3")
     assert (cfg.head_dim, cfg.intermediate_size, cfg.num_key_value_heads) == (96, 2432, 4)
     for name in ("debug", "minimind2-moe"):
