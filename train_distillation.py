@@ -271,7 +271,8 @@ def main(argv=None):
 
     if args.init_layers:
         if not cfg.init_from:
-            raise UserError("--init_layers picks layers of the --init_from checkpoint: give one (or drop the flag)")
+            raise UserError("--init_layers picks layers of the --init_from checkpoint, and the student is new by default: "
+                            "give one, e.g. --init_from out/pretrain --init_layers 0,2 (or drop the flag)")
         try:
             layers = [int(i) for i in args.init_layers.split(",")]
         except ValueError:
