@@ -29,7 +29,7 @@ the demo SFT model); it stays in eval mode without gradients and is never saved.
 (--student_hidden_size, --student_num_layers, --student_use_moe are MiniMind's names for --hidden_size,
 --num_hidden_layers, --use_moe), trained at lr 1e-3; or it starts from a checkpoint (--init_from DIR,
 MiniMind's --from_student_weight NAME), optionally cut to some of its layers (--init_layers), at lr 1e-4
-unless --learning_rate says otherwise.
+unless --learning_rate (or --config) says otherwise (--muon_lr is not changed).
 """
 import argparse
 from pathlib import Path
@@ -64,6 +64,11 @@ DEMO_TEXT = "dataset/demo/pretrain.jsonl"  # the corpus the demo teacher was pre
 
 
 def add_distill_args(parser):
+    for action in parser._actions:  # the common flag's help names one default; this stage has two
+        if action.dest == "learning_rate":
+            action.help = (f"peak learning rate (default: {STAGE_DEFAULTS['learning_rate']:g} for a new student, "
+                           f"{CHECKPOINT_LR:g} for one from --init_from / --from_student_weight; --muon_lr is "
+                           f"not changed)")
     group = stage_group(parser, "distillation")
     group.add_argument("--alpha", type=float, default=0.2,
                        help="weight of the cross-entropy on the data; the soft (teacher) term gets 1 - alpha "

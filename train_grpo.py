@@ -42,8 +42,8 @@ from minillm.generate import SamplingParams
 from minillm.lora import add_lora_flags, apply_lora, lora_disabled
 from minillm.model import eval_mode
 from minillm.rewards import RULES, make_reward_fn
-from minillm.rl import (PromptDataset, Rollouts, experience_batches, prompt_collate, prompt_reward, sample_rollouts,
-                        token_logprobs)
+from minillm.rl import (DEMO_PROMPTS, PromptDataset, Rollouts, experience_batches, prompt_collate, prompt_reward,
+                        resolve_max_prompts, sample_rollouts, token_logprobs)
 from minillm.trainer import Trainer, autocast_context, load_datasets, main_guard, prepare_stage, training_dtype
 
 STAGE_DEFAULTS = dict(
@@ -55,7 +55,6 @@ STAGE_DEFAULTS = dict(
     epochs=6, batch_size=4, max_seq_len=128, learning_rate=1e-4, weight_decay=0.0, accumulation_steps=1,
     log_interval=5, save_interval=50, num_workers=0,
 )
-DEMO_PROMPTS = 64
 LOSS_TYPES = ("grpo", "cispo")
 LOSS_AGGS = ("seq", "token", "dr_grpo")
 DEMO_REPORT = "dataset/demo/heldout_sft.jsonl"
@@ -341,6 +340,8 @@ def main(argv=None):
         raise UserError("--max_gen_len and --num_iterations must be >= 1")
     if args.dynamic_sampling < 0:
         raise UserError(f"--dynamic_sampling {args.dynamic_sampling}: the number of extra sampling rounds, 0 (off) or more")
+    max_prompts = resolve_max_prompts(args.max_prompts, stage.on_demo_data,
+                                      cfg.batch_size * cfg.accumulation_steps * stage.dist.world_size)
     if not 0 < args.epsilon < 1 or (args.loss_type == "grpo" and epsilon_high <= 0):
         raise UserError(f"--epsilon {args.epsilon} must be in (0, 1) and --epsilon_high {epsilon_high} > 0")
     if args.loss_type == "cispo" and epsilon_high < 1:
@@ -367,11 +368,8 @@ def main(argv=None):
     dataset, _ = load_datasets(stage, lambda path: PromptDataset(
         path, stage.tokenizer, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines),
         thinking_ratio=args.thinking_ratio, seed=cfg.seed))
-    if args.max_prompts < -1:
-        raise UserError(f"--max_prompts {args.max_prompts}: the number of prompts to train on, 0 (all) or more, "
-                        f"or -1 (auto)")
-    max_prompts = args.max_prompts if args.max_prompts >= 0 else (DEMO_PROMPTS if stage.on_demo_data else 0)
     dataset.keep_first(max_prompts)
+    stage.stage_args["max_prompts"] = max_prompts  # config.yaml records the count used (auto resolved)
     sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, stage.dist.rank, stage.dist.world_size,
                                   cfg.accumulation_steps, seed=cfg.seed)
     if stage.dist.is_main:

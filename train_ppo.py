@@ -42,8 +42,8 @@ from minillm.generate import SamplingParams
 from minillm.lora import add_lora_flags, apply_lora, lora_disabled
 from minillm.model import eval_mode
 from minillm.rewards import RULES, make_reward_fn
-from minillm.rl import (PromptDataset, experience_batches, prompt_collate, prompt_reward, sample_rollouts,
-                        token_logprobs, whiten)
+from minillm.rl import (DEMO_PROMPTS, PromptDataset, experience_batches, prompt_collate, prompt_reward,
+                        resolve_max_prompts, sample_rollouts, token_logprobs, whiten)
 from minillm.trainer import Trainer, autocast_context, load_datasets, main_guard, prepare_stage, training_dtype
 from minillm.value import PolicyAndValue, ValueModel
 
@@ -59,7 +59,6 @@ STAGE_DEFAULTS = dict(
     accumulation_steps=1, max_steps=90, log_interval=5, save_interval=30, num_workers=0,
 )
 DEMO_REPORT = "dataset/demo/heldout_sft.jsonl"
-DEMO_PROMPTS = 64  # --max_prompts auto on the demo prompts (as train_grpo.py)
 # answer correctness alone (+ the cut-reply penalty): the demo model hardly ever writes the think format on
 # thinking-on prompts, so a format reward is a near-constant per prompt that only adds variance here (GRPO's
 # per-prompt baseline cancels it, PPO's batch-whitened advantages do not)
@@ -343,6 +342,8 @@ def main(argv=None, reward_fn=None):
                         f"not supported: drop the flag or give the same value")
     if args.temperature <= 0:
         raise UserError(f"--temperature {args.temperature}: rollouts must sample, use a value > 0")
+    max_prompts = resolve_max_prompts(args.max_prompts, stage.on_demo_data,
+                                      cfg.batch_size * cfg.accumulation_steps * dist_info.world_size)
     if args.max_gen_len < 1 or args.ppo_update_iters < 1 or args.mini_batch_size < 0:
         raise UserError("--max_gen_len and --ppo_update_iters must be >= 1, --mini_batch_size >= 0")
     if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1):
@@ -389,10 +390,8 @@ def main(argv=None, reward_fn=None):
     dataset, _ = load_datasets(stage, lambda path: PromptDataset(
         path, stage.tokenizer, cfg.max_seq_len, skip_bad=bool(cfg.skip_bad_lines),
         thinking_ratio=args.thinking_ratio, seed=cfg.seed))
-    if args.max_prompts < -1:
-        raise UserError(f"--max_prompts {args.max_prompts}: the number of prompts to train on, 0 (all) or more, "
-                        f"or -1 (auto)")
-    dataset.keep_first(args.max_prompts if args.max_prompts >= 0 else (DEMO_PROMPTS if stage.on_demo_data else 0))
+    dataset.keep_first(max_prompts)
+    stage.stage_args["max_prompts"] = max_prompts  # config.yaml records the count used (auto resolved)
     sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, dist_info.rank, dist_info.world_size,
                                   cfg.accumulation_steps, seed=cfg.seed)
     if dist_info.is_main:

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from minillm.data.chat import IGNORE_INDEX, _stable_uniforms
 from minillm.data.jsonl import BadLineReport, DataError, _check_messages, check_tool_use, read_jsonl
+from minillm.errors import UserError
 from minillm.generate import SamplingParams, generate_batch
 from minillm.tokenizer import THINK_OFF_PREFILL
 
@@ -102,6 +103,23 @@ class PromptDataset(Dataset):
         bad = f", {self.report}" if self.report else ""
         subset = f" (the first of {self.total_prompts})" if len(self) < self.total_prompts else ""
         return f"{len(self)} prompts{subset} from {self.path}{skipped}{bad}"
+
+
+DEMO_PROMPTS = 64  # --max_prompts auto on the demo prompts
+
+
+def resolve_max_prompts(flag: int, on_demo_data: bool, step_prompts: int) -> int:
+    """--max_prompts as a count for PromptDataset.keep_first: N > 0 the first N prompts, 0 all, -1 (auto)
+    DEMO_PROMPTS on the demo data (at least one step's worth) and all otherwise. `step_prompts` = prompts
+    one optimizer step takes over all processes (batch_size x accumulation_steps x world size)."""
+    if flag < -1:
+        raise UserError(f"--max_prompts {flag}: the number of prompts to train on, 0 (all) or more, or -1 (auto)")
+    if flag == -1:
+        return max(DEMO_PROMPTS, step_prompts) if on_demo_data else 0
+    if 0 < flag < step_prompts:
+        raise UserError(f"--max_prompts {flag} is fewer than one optimizer step takes ({step_prompts} = --batch_size x "
+                        f"--accumulation_steps x processes): raise it, or lower those")
+    return flag
 
 
 def prompt_collate(items: list[dict]) -> dict:

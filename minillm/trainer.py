@@ -1118,6 +1118,11 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
     args = parser.parse_args(argv)
     stage_args = {a.dest: getattr(args, a.dest) for a in parser._actions if a.dest not in common}
     notes = apply_minimind_flags(args, defaults)  # --from_weight NAME -> args.init_from; --use_wandb's note
+    # where the model comes from decides how the model config resolves: the flag, else a --config file's
+    # train section, else the stage's default (the same order resolve() applies to the rest)
+    config_train = (load_yaml(args.config).get("train") or {}) if getattr(args, "config", "") else {}
+    if not hasattr(args, "init_from") and isinstance(config_train, dict) and "init_from" in config_train:
+        args.init_from = str(config_train["init_from"] or "")
     init_from = getattr(args, "init_from", defaults.get("init_from", ""))
     if init_from and not hasattr(args, "init_from") and hasattr(args, "save_dir"):  # flags absent unless given
         # the stage default names the previous stage's folder under the default save dir: follow

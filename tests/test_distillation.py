@@ -387,6 +387,14 @@ def test_defaults_distil_into_a_new_demo_student_and_a_checkpoint_student_gets_a
     by_config = run(tmp_path, sft_rows, "--init_from", str(teacher_dir), "--max_steps", "1", "--config", str(config),
                     "--save_weight", "config")
     assert by_config.cfg.learning_rate == 3e-4
+    # MiniMind's --from_student_weight names a checkpoint under --save_dir: a checkpoint student, lr 1e-4
+    by_name = run(tmp_path, sft_rows, "--from_student_weight", "full_sft", "--max_steps", "1", "--save_weight", "named")
+    assert by_name.cfg.learning_rate == 1e-4 and by_name.model.config.hidden_size == 64
+    # a --config file's train section may name the checkpoint: the model config is the checkpoint's
+    config.write_text(f"train:\n  init_from: {teacher_dir}\n")
+    from_yaml = run(tmp_path, sft_rows, "--max_steps", "1", "--config", str(config), "--save_weight", "yaml")
+    assert from_yaml.cfg.init_from == str(teacher_dir) and from_yaml.cfg.learning_rate == 1e-4
+    assert from_yaml.model.config == from_yaml.stage.model_cfg == load_checkpoint(teacher_dir)[0].config
 
 
 def test_on_the_demo_data_the_demo_corpus_is_distilled_on_too(tok, tmp_path, teacher_dir, monkeypatch):

@@ -8,6 +8,7 @@ import types
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import train_ppo
 from minillm.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
@@ -363,8 +364,20 @@ def test_max_prompts_trains_on_the_first_prompts_only(sft_checkpoint):
     assert len(trainer.dataset) == 12 and trainer.step == 6  # 12 prompts, 4 a step, 2 epochs
     assert sorted(seen) == sorted([f"What is {a} + {b}?" for a, b in zip(range(1, 13), range(40, 28, -1))] * 2)
     assert "12 prompts (the first of 32)" in trainer.dataset.describe()
+    doc = yaml.safe_load((sft_checkpoint / "out" / "subset" / "config.yaml").read_text())
+    assert doc["stage"]["max_prompts"] == 12
     with pytest.raises(UserError, match="--max_prompts"):
         train_ppo.main(_argv(sft_checkpoint, "--save_weight", "subset", "--max_prompts", "-2"), reward_fn=low_ids)
+    with pytest.raises(UserError, match=r"--max_prompts 6 is fewer than one optimizer step takes \(8 = "):
+        train_ppo.main(_argv(sft_checkpoint, "--save_weight", "subset", "--max_prompts", "6"), reward_fn=low_ids)
+
+
+def test_max_prompts_auto_is_the_demo_prompts_on_the_demo_data_at_least_one_step():
+    from minillm.rl import DEMO_PROMPTS, resolve_max_prompts
+    assert resolve_max_prompts(-1, True, 32) == DEMO_PROMPTS == 64
+    assert resolve_max_prompts(-1, True, 96) == 96  # 3 processes x 32: one step's prompts, not a 'too few rows'
+    assert resolve_max_prompts(-1, False, 32) == 0 and resolve_max_prompts(0, True, 32) == 0
+    assert resolve_max_prompts(40, True, 32) == 40
 
 
 def test_lora_policy_saves_the_adapter_and_keeps_the_base(sft_checkpoint):
