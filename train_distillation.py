@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minillm.checkpoint import load_checkpoint
-from minillm.config import ModelConfig, load_yaml, stage_group, weight_path
+from minillm.config import ModelConfig, stage_group, weight_path
 from minillm.data import (IGNORE_INDEX, ConcatRows, LengthGroupedBatchSampler, PretrainDataset, SFTDataset, TextRows,
                           pad_collate)
 from minillm.errors import NotFound, UserError, require_file
@@ -253,19 +253,11 @@ def load_teacher(path: str, args, student, student_tok, device, kernel_backend: 
     return teacher
 
 
-def lr_given(args) -> bool:
-    """Whether --learning_rate or a --config file's train section sets the learning rate."""
-    if "learning_rate" in vars(args):  # the common flags are absent from the namespace unless given
-        return True
-    config = getattr(args, "config", "")
-    return bool(config) and "learning_rate" in (load_yaml(config).get("train") or {})
-
-
 def main(argv=None):
     stage, args = prepare_stage(__doc__, STAGE_DEFAULTS, argv, extra_args=add_distill_args,
                                 default_preset=STUDENT_PRESET)
     cfg, tok, device = stage.cfg, stage.tokenizer, stage.dist.device
-    if cfg.init_from and not lr_given(args):
+    if cfg.init_from and "learning_rate" not in stage.explicit:
         cfg.learning_rate = CHECKPOINT_LR
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha {args.alpha}: the weight of the cross-entropy must be in [0, 1]")

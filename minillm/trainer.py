@@ -14,7 +14,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -1094,6 +1094,8 @@ class Stage:
     model: torch.nn.Module
     stage_args: dict = field(default_factory=dict)  # the stage's own flags (--beta, --tag_weight, ...)
     on_demo_data: bool = False  # --data_path is the stage's demo file: demo-only extras may apply
+    # TrainConfig fields set by a flag or a --config file's train section (not the stage's defaults)
+    explicit: frozenset = frozenset()
 
 
 def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Callable | None = None,
@@ -1121,7 +1123,9 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
     # where the model comes from decides how the model config resolves: the flag, else a --config file's
     # train section, else the stage's default (the same order resolve() applies to the rest)
     config_train = (load_yaml(args.config).get("train") or {}) if getattr(args, "config", "") else {}
-    if not hasattr(args, "init_from") and isinstance(config_train, dict) and "init_from" in config_train:
+    config_train = config_train if isinstance(config_train, dict) else {}  # resolve() names a bad section
+    explicit = frozenset(f.name for f in fields(TrainConfig) if f.name in vars(args) or f.name in config_train)
+    if not hasattr(args, "init_from") and "init_from" in config_train:
         args.init_from = str(config_train["init_from"] or "")
     init_from = getattr(args, "init_from", defaults.get("init_from", ""))
     if init_from and not hasattr(args, "init_from") and hasattr(args, "save_dir"):  # flags absent unless given
@@ -1161,7 +1165,7 @@ def prepare_stage(description: str, defaults: dict, argv=None, extra_args: Calla
                         + "); use a shorter --max_seq_len"
                         + ("" if cfg.init_from else " or --set max_position_embeddings=N"))
     on_demo = bool(defaults.get("data_path")) and cfg.data_path == defaults["data_path"]
-    return Stage(model_cfg, cfg, dist_info, tokenizer, model, stage_args, on_demo), args
+    return Stage(model_cfg, cfg, dist_info, tokenizer, model, stage_args, on_demo, explicit), args
 
 
 def build_on_main_first(dist_info: DistInfo, build: Callable):
